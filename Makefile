@@ -1,0 +1,23 @@
+# The two commands a newcomer needs (see README): `make demo` and `make test`. Both install what they need.
+SHELL := /bin/bash
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint bench clean
+
+setup:
+	./scripts/setup
+
+demo: setup
+	.venv/bin/kvmdm run --demo
+
+test: setup
+	./scripts/test $(PYTEST_ARGS)
+
+lint: setup
+	.venv/bin/ruff check kvmcore devices pv daemon guests tests bench
+
+bench: setup
+	.venv/bin/python -m bench.exits
+
+clean:
+	rm -rf .venv build .pytest_cache .hypothesis

@@ -1,0 +1,596 @@
+"""Daemon <-> device-model control protocol: codec, sans-I/O validation, asyncio client, blocking server.
+
+Wire format (one listening SOCK_STREAM unix socket per guest, bound by the daemon, passed to the DM as
+``--control-fd``; the DM serves one connection at a time and a new connection replaces the old one, which is how
+a restarted daemon re-attaches):
+
+* newline-delimited UTF-8 JSON objects, at most :data:`MAX_LINE` bytes per line (without the newline); a longer
+  line or undecodable JSON is a protocol error and the connection is closed;
+* request  ``{"id": int, "cmd": str, "args": object}``
+* response ``{"id": int, "ok": bool, "result": object|null, "error": str|null}``
+* event    ``{"event": "state", "state": "starting|running|paused|stopped|crashed", "reason": str,
+  "guest_status": int|null}`` (unsolicited, DM -> daemon).
+
+Both ends treat the other's bytes as untrusted (h11's model): :class:`LineDecoder` and the ``validate_*``
+functions do no I/O, raise :class:`RemoteProtocolError` for the peer's faults and :class:`LocalProtocolError`
+for our own, and everything else in the daemon and DM only sees validated dataclasses/dicts.
+
+The server half (:class:`ControlServer`) is selectors-based and imports no asyncio so the DM stays small.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import itertools
+import json
+import logging
+import math
+import os
+import selectors
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 65536
+DEFAULT_TIMEOUT = 5.0
+MAX_ID = 2**53 - 1  # JSON numbers beyond this are not exact in every implementation (RFC 8259 §6)
+MAX_ERROR_LEN = 4096
+MAX_REASON_LEN = 1024
+MAX_CONSOLE_INPUT = 4096  # decoded bytes per console_input request
+COMMANDS = frozenset({"ping", "stats", "pause", "resume", "stop", "reset", "console_input"})
+DM_STATES = frozenset({"starting", "running", "paused", "stopped", "crashed"})
+
+# DM exit codes (the contract the supervisor's restart policy is keyed on).
+EXIT_STOPPED = 0
+EXIT_ERROR = 1
+EXIT_RESET = 3
+EXIT_CRASHED = 4
+
+# Bounds on stats so a hostile DM cannot make the daemon's /metrics output unbounded.
+MAX_STAT_KEYS = 256
+MAX_STAT_NAME = 64
+MAX_COUNTER = 2**64 - 1
+
+
+class ProtocolError(Exception):
+    """Base: the control conversation broke a rule of the protocol."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol forbids (its fault; we drop the connection)."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We were asked to send something the protocol forbids (our bug)."""
+
+
+class ControlError(Exception):
+    """The DM answered ``ok: false``; the message is the DM's error string."""
+
+
+class ControlTimeout(ControlError):
+    """No response within the request timeout."""
+
+
+class ControlClosed(ControlError):
+    """The control connection is closed (DM exited or dropped us)."""
+
+
+# --------------------------------------------------------------------------------------------- codec (sans-I/O)
+
+
+class LineDecoder:
+    """Splits a byte stream into lines, refusing any line longer than ``max_line`` before buffering it all."""
+
+    def __init__(self, max_line: int = MAX_LINE) -> None:
+        self.max_line = max_line
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        lines: list[bytes] = []
+        start = 0
+        while True:
+            nl = self._buf.find(b"\n", start)
+            if nl < 0:
+                break
+            if nl - start > self.max_line:
+                raise RemoteProtocolError(f"line of {nl - start} bytes exceeds {self.max_line}")
+            lines.append(bytes(self._buf[start:nl]))
+            start = nl + 1
+        del self._buf[:start]
+        if len(self._buf) > self.max_line:
+            raise RemoteProtocolError(f"line exceeds {self.max_line} bytes without a newline")
+        return lines
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def decode_line(line: bytes) -> dict[str, Any]:
+    """One line -> JSON object. NaN/Infinity (Python extensions, not JSON) are refused."""
+    try:
+        text = line.decode("utf-8")
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise RemoteProtocolError(f"undecodable message: {e}") from None
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError(f"message must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    data = json.dumps(msg, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    if len(data) > MAX_LINE:
+        raise LocalProtocolError(f"message of {len(data)} bytes exceeds {MAX_LINE}")
+    return data + b"\n"
+
+
+def encode_request(req_id: int, cmd: str, args: dict[str, Any] | None = None) -> bytes:
+    msg = {"id": req_id, "cmd": cmd, "args": args or {}}
+    try:
+        validate_request(msg)
+    except RemoteProtocolError as e:
+        raise LocalProtocolError(str(e)) from None
+    return encode(msg)
+
+
+def encode_response(req_id: int, ok: bool, result: dict[str, Any] | None = None,
+                    error: str | None = None) -> bytes:
+    if ok and error is not None or not ok and not error:
+        raise LocalProtocolError("ok responses carry no error; failed responses carry one")
+    return encode({"id": req_id, "ok": ok, "result": result if ok else None,
+                   "error": None if ok else error[:MAX_ERROR_LEN]})  # type: ignore[index]
+
+
+def encode_event(state: str, reason: str = "", guest_status: int | None = None) -> bytes:
+    msg = {"event": "state", "state": state, "reason": reason[:MAX_REASON_LEN], "guest_status": guest_status}
+    try:
+        validate_event(msg)
+    except RemoteProtocolError as e:
+        raise LocalProtocolError(str(e)) from None
+    return encode(msg)
+
+
+# ----------------------------------------------------------------------------------------------------- validation
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_keys(msg: dict[str, Any], allowed: set[str], what: str) -> None:
+    extra = msg.keys() - allowed
+    if extra:
+        raise RemoteProtocolError(f"{what}: unknown field(s) {sorted(extra)}")
+    missing = allowed - msg.keys()
+    if missing:
+        raise RemoteProtocolError(f"{what}: missing field(s) {sorted(missing)}")
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int
+    cmd: str
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Response:
+    id: int
+    ok: bool
+    result: dict[str, Any] | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class StateEvent:
+    state: str
+    reason: str
+    guest_status: int | None
+
+
+def validate_request(msg: dict[str, Any]) -> Request:
+    _check_keys(msg, {"id", "cmd", "args"}, "request")
+    rid, cmd, args = msg["id"], msg["cmd"], msg["args"]
+    if not _is_int(rid) or not 0 <= rid <= MAX_ID:
+        raise RemoteProtocolError(f"request: id must be an integer in 0..{MAX_ID}")
+    if not isinstance(cmd, str) or cmd not in COMMANDS:
+        raise RemoteProtocolError(f"request: unknown command {str(cmd)[:64]!r}")
+    if not isinstance(args, dict):
+        raise RemoteProtocolError("request: args must be an object")
+    if cmd == "console_input":
+        _check_keys(args, {"data"}, "console_input args")
+        data = args["data"]
+        if not isinstance(data, str) or len(data) > 4 * ((MAX_CONSOLE_INPUT + 2) // 3):
+            raise RemoteProtocolError(f"console_input: data must be base64 of at most {MAX_CONSOLE_INPUT} bytes")
+        try:
+            base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise RemoteProtocolError("console_input: data is not valid base64") from None
+    elif args:
+        raise RemoteProtocolError(f"request: {cmd} takes no arguments")
+    return Request(rid, cmd, args)
+
+
+def validate_response(msg: dict[str, Any]) -> Response:
+    _check_keys(msg, {"id", "ok", "result", "error"}, "response")
+    rid, ok, result, error = msg["id"], msg["ok"], msg["result"], msg["error"]
+    if not _is_int(rid) or not 0 <= rid <= MAX_ID:
+        raise RemoteProtocolError("response: id must be an integer")
+    if not isinstance(ok, bool):
+        raise RemoteProtocolError("response: ok must be a boolean")
+    if result is not None and not isinstance(result, dict):
+        raise RemoteProtocolError("response: result must be an object or null")
+    if error is not None and (not isinstance(error, str) or len(error) > MAX_ERROR_LEN):
+        raise RemoteProtocolError(f"response: error must be a string of at most {MAX_ERROR_LEN} chars or null")
+    if ok and error is not None:
+        raise RemoteProtocolError("response: ok response with an error")
+    if not ok and error is None:
+        raise RemoteProtocolError("response: failed response without an error")
+    return Response(rid, ok, result, error)
+
+
+def validate_event(msg: dict[str, Any]) -> StateEvent:
+    _check_keys(msg, {"event", "state", "reason", "guest_status"}, "event")
+    if msg["event"] != "state":
+        raise RemoteProtocolError(f"event: unknown event {str(msg['event'])[:64]!r}")
+    state, reason, status = msg["state"], msg["reason"], msg["guest_status"]
+    if not isinstance(state, str) or state not in DM_STATES:
+        raise RemoteProtocolError(f"event: unknown state {str(state)[:64]!r}")
+    if not isinstance(reason, str) or len(reason) > MAX_REASON_LEN:
+        raise RemoteProtocolError(f"event: reason must be a string of at most {MAX_REASON_LEN} chars")
+    if status is not None and (not _is_int(status) or not -(2**31) <= status < 2**32):
+        raise RemoteProtocolError("event: guest_status must be a 32-bit integer or null")
+    return StateEvent(state, reason, status)
+
+
+def classify(msg: dict[str, Any]) -> Response | StateEvent:
+    """A message arriving at the daemon is either a response or an event."""
+    if "event" in msg:
+        return validate_event(msg)
+    return validate_response(msg)
+
+
+@dataclass(frozen=True)
+class Stats:
+    state: str
+    uptime_s: float
+    exits: dict[str, int]
+    devices: dict[str, dict[str, int]]
+    rss_bytes: int
+    vcpus: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"state": self.state, "uptime_s": self.uptime_s, "exits": self.exits, "devices": self.devices,
+                "rss_bytes": self.rss_bytes, "vcpus": self.vcpus}
+
+
+def _counter_map(v: Any, what: str) -> dict[str, int]:
+    if not isinstance(v, dict) or len(v) > MAX_STAT_KEYS:
+        raise RemoteProtocolError(f"stats: {what} must be an object with at most {MAX_STAT_KEYS} keys")
+    for k, n in v.items():
+        if len(k) > MAX_STAT_NAME or not k.isprintable():
+            raise RemoteProtocolError(f"stats: {what} key {k[:64]!r} is not a short printable name")
+        if not _is_int(n) or not 0 <= n <= MAX_COUNTER:
+            raise RemoteProtocolError(f"stats: {what}[{k[:64]!r}] must be a non-negative 64-bit integer")
+    return dict(v)
+
+
+def validate_stats(result: Any) -> Stats:
+    """Validate the DM's ``stats`` result (unknown extra keys are tolerated for forward compatibility but not
+    exposed)."""
+    if not isinstance(result, dict):
+        raise RemoteProtocolError("stats: result must be an object")
+    for k in ("state", "uptime_s", "exits", "devices", "rss_bytes", "vcpus"):
+        if k not in result:
+            raise RemoteProtocolError(f"stats: missing {k}")
+    state = result["state"]
+    if not isinstance(state, str) or state not in DM_STATES:
+        raise RemoteProtocolError("stats: unknown state")
+    up = result["uptime_s"]
+    if isinstance(up, bool) or not isinstance(up, int | float) or not math.isfinite(up) or up < 0:
+        raise RemoteProtocolError("stats: uptime_s must be a non-negative number")
+    exits = _counter_map(result["exits"], "exits")
+    devs_raw = result["devices"]
+    if not isinstance(devs_raw, dict) or len(devs_raw) > 64:
+        raise RemoteProtocolError("stats: devices must be an object with at most 64 devices")
+    devices = {}
+    for name, counters in devs_raw.items():
+        if len(name) > MAX_STAT_NAME or not name.isprintable():
+            raise RemoteProtocolError(f"stats: device name {name[:64]!r} is not a short printable name")
+        devices[name] = _counter_map(counters, f"devices[{name!r}]")
+    rss, vcpus = result["rss_bytes"], result["vcpus"]
+    if not _is_int(rss) or not 0 <= rss <= MAX_COUNTER:
+        raise RemoteProtocolError("stats: rss_bytes must be a non-negative integer")
+    if not _is_int(vcpus) or not 0 <= vcpus <= 1024:
+        raise RemoteProtocolError("stats: vcpus must be a small non-negative integer")
+    return Stats(state, float(up), exits, devices, rss, vcpus)
+
+
+# ----------------------------------------------------------------------------------------- asyncio client (daemon)
+
+
+class ControlClient:
+    """Daemon side of one control connection. Events go to ``on_event``; ``on_close(reason)`` fires once when the
+    connection ends for any reason (EOF, protocol error, :meth:`close`)."""
+
+    def __init__(self, reader: Any, writer: Any, on_event: Callable[[StateEvent], None] | None,
+                 on_close: Callable[[str], None] | None) -> None:
+        import asyncio
+
+        self._asyncio = asyncio
+        self._reader = reader
+        self._writer = writer
+        self._on_event = on_event
+        self._on_close = on_close
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Response]] = {}
+        self._decoder = LineDecoder()
+        self.closed = False
+        self.close_reason = ""
+        self._task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    @classmethod
+    async def connect(cls, path: str | os.PathLike[str], *, on_event: Callable[[StateEvent], None] | None = None,
+                      on_close: Callable[[str], None] | None = None,
+                      timeout: float = DEFAULT_TIMEOUT) -> ControlClient:
+        import asyncio
+
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(os.fspath(path)), timeout)
+        return cls(reader, writer, on_event, on_close)
+
+    async def _read_loop(self) -> None:
+        reason = "connection closed by DM"
+        try:
+            while True:
+                data = await self._reader.read(65536)
+                if not data:
+                    break
+                for line in self._decoder.feed(data):
+                    self._dispatch(classify(decode_line(line)))
+        except ProtocolError as e:
+            reason = f"protocol error from DM: {e}"
+            log.warning("control: %s", reason)
+        except (OSError, ConnectionError) as e:
+            reason = f"connection error: {e}"
+        except self._asyncio.CancelledError:
+            reason = "closed by daemon"
+        finally:
+            self._finish(reason)
+
+    def _dispatch(self, msg: Response | StateEvent) -> None:
+        if isinstance(msg, StateEvent):
+            if self._on_event is not None:
+                self._on_event(msg)
+            return
+        fut = self._pending.pop(msg.id, None)
+        if fut is None:
+            # A response to a request that timed out, or a made-up id: ignore rather than trust it.
+            log.warning("control: response with unexpected id %d ignored", msg.id)
+            return
+        if not fut.done():
+            fut.set_result(msg)
+
+    def _finish(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ControlClosed(reason))
+        self._pending.clear()
+        try:
+            self._writer.close()
+        except Exception:  # noqa: BLE001 - closing a broken transport must not raise
+            pass
+        if self._on_close is not None:
+            self._on_close(reason)
+
+    async def request(self, cmd: str, args: dict[str, Any] | None = None,
+                      timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+        """Send one command; return its result; raise ControlError/ControlTimeout/ControlClosed."""
+        if self.closed:
+            raise ControlClosed(self.close_reason or "closed")
+        rid = next(self._ids)
+        data = encode_request(rid, cmd, args)
+        fut: Any = self._asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            self._writer.write(data)
+            await self._asyncio.wait_for(self._writer.drain(), timeout)
+            resp: Response = await self._asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise ControlTimeout(f"DM did not answer {cmd!r} within {timeout:g} s") from None
+        except (OSError, ConnectionError) as e:
+            raise ControlClosed(f"connection error: {e}") from None
+        finally:
+            self._pending.pop(rid, None)
+        if not resp.ok:
+            raise ControlError(resp.error or "error")
+        return resp.result or {}
+
+    async def close(self) -> None:
+        if not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except self._asyncio.CancelledError:
+                pass
+        self._finish("closed by daemon")
+
+
+# ---------------------------------------------------------------------------------------- blocking server (DM)
+
+Handler = Callable[[str, dict[str, Any]], dict[str, Any]]
+
+
+class ControlServer:
+    """DM side: accept one daemon connection at a time on ``listen_fd`` and answer requests with ``handler``.
+
+    ``handler(cmd, args)`` gets only validated requests; it returns the result object or raises to answer
+    ``ok: false`` with ``str(exc)``. A new connection replaces the current one (daemon restart). The last state
+    event is replayed to each new connection so a re-attaching daemon learns the current state at once.
+    :meth:`send_event` and :meth:`stop` are thread-safe; :meth:`serve_forever` runs until :meth:`stop`.
+    """
+
+    SEND_TIMEOUT = DEFAULT_TIMEOUT
+
+    def __init__(self, listen_fd: int, handler: Handler) -> None:
+        self._listener = socket.socket(fileno=listen_fd)
+        self._listener.setblocking(False)
+        self._handler = handler
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._listener, selectors.EVENT_READ, "listen")
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._conn: socket.socket | None = None
+        self._decoder = LineDecoder()
+        self._send_lock = threading.Lock()
+        self._last_event: bytes | None = None
+        self._running = False
+        self.protocol_errors = 0
+
+    def fileno(self) -> int:
+        return self._listener.fileno()
+
+    def send_event(self, state: str, reason: str = "", guest_status: int | None = None) -> None:
+        data = encode_event(state, reason, guest_status)
+        with self._send_lock:
+            self._last_event = data
+            if self._conn is not None:
+                self._send_locked(data)
+
+    def _send_locked(self, data: bytes) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            conn.sendall(data)
+        except OSError as e:  # includes socket.timeout: a daemon that stops reading loses its connection
+            log.warning("control: send failed (%s); dropping connection", e)
+            self._drop_locked()
+
+    def _drop_locked(self) -> None:
+        if self._conn is not None:
+            try:
+                self._sel.unregister(self._conn)
+            except (KeyError, ValueError):
+                pass
+            self._conn.close()
+            self._conn = None
+        self._decoder = LineDecoder()
+
+    def stop(self) -> None:
+        self._running = False
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        with self._send_lock:
+            self._drop_locked()
+        self._sel.close()
+        self._listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def serve_forever(self) -> None:
+        self._running = True
+        while self._running:
+            self.poll(None)
+
+    def poll(self, timeout: float | None) -> None:
+        """One selector round (lets a DM with its own loop drive the server)."""
+        for key, _ in self._sel.select(timeout):
+            if key.data == "wake":
+                try:
+                    self._wake_r.recv(4096)
+                except BlockingIOError:
+                    pass
+            elif key.data == "listen":
+                self._accept()
+            else:
+                self._readable()
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        # Blocking with a timeout: recv after select never blocks, and sendall cannot hang the DM forever.
+        conn.settimeout(self.SEND_TIMEOUT)
+        with self._send_lock:
+            self._drop_locked()  # a new connection replaces the old one (daemon restart)
+            self._conn = conn
+            self._sel.register(conn, selectors.EVENT_READ, "conn")
+            if self._last_event is not None:
+                self._send_locked(self._last_event)
+
+    def _readable(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            data = conn.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            with self._send_lock:
+                self._drop_locked()
+            return
+        try:
+            lines = self._decoder.feed(data)
+        except RemoteProtocolError as e:
+            self._protocol_error(e)
+            return
+        for line in lines:
+            try:
+                msg = decode_line(line)
+            except RemoteProtocolError as e:
+                self._protocol_error(e)
+                return
+            self._handle(msg)
+            if self._conn is not conn:
+                return
+
+    def _protocol_error(self, e: Exception) -> None:
+        self.protocol_errors += 1
+        log.warning("control: protocol error from daemon: %s; closing connection", e)
+        with self._send_lock:
+            self._drop_locked()
+
+    def _handle(self, msg: dict[str, Any]) -> None:
+        rid = msg.get("id")
+        try:
+            req = validate_request(msg)
+        except RemoteProtocolError as e:
+            if isinstance(rid, int) and _is_int(rid) and 0 <= rid <= MAX_ID:
+                self._reply(encode_response(rid, False, error=str(e)))
+            else:
+                self._protocol_error(e)
+            return
+        try:
+            result = self._handler(req.cmd, req.args)
+            if not isinstance(result, dict):
+                raise LocalProtocolError(f"handler returned {type(result).__name__}, not a dict")
+            data = encode_response(req.id, True, result)
+        except Exception as e:  # noqa: BLE001 - any handler failure is reported to the daemon, not raised
+            data = encode_response(req.id, False, error=str(e) or type(e).__name__)
+        self._reply(data)
+
+    def _reply(self, data: bytes) -> None:
+        with self._send_lock:
+            self._send_locked(data)

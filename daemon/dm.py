@@ -1,0 +1,290 @@
+"""The per-guest device-model process: `python -m daemon.dm --control-fd C --definition-fd D ...`.
+
+Spawned by kvmdmd with only the fds it needs (see daemon.supervisor for the argv contract). Order of work:
+
+1. parse argv and the definition (from the daemon, but validated again: the DM trusts nobody's bytes);
+   read the kernel/initrd images from their fds; import every module it will ever use (the jail has no files);
+2. create guest RAM (memfd_create is not in the jailed policy) and the control server (socketpair);
+3. enter the jail (daemon.jail): namespaces, empty root, unprivileged uid, no caps, no_new_privs, seccomp.
+   enter_jail forks into the new pid namespace, and KVM binds a VM to the mm of the process that created it,
+   so **the VM is created after the jail**, on the inherited /dev/kvm fd; guest memory (MAP_SHARED) survives
+   the fork and is mapped into the VM from the jailed child;
+4. build the VM, start the vCPUs; the main thread serves the control socket until the guest stops;
+5. exit with the contract's status: 0 powered off/stopped, 3 reset requested, 4 guest crashed, 1 DM error.
+Nothing the guest controls is read before step 3 finishes: the guest has not run yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import encodings.idna  # noqa: F401
+import json
+import logging
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+# Imported up front on purpose: the jail has no filesystem, so nothing may be imported lazily after step 3.
+import daemon.vmm  # noqa: F401
+import devices.virtio_pci  # noqa: F401
+import pv.blk  # noqa: F401
+from daemon.config import ConfigError, GuestDefinition, parse_definition
+from daemon.control import ControlServer
+from daemon.vmm import MachineConfig, Vmm
+from kvmcore import layout
+from kvmcore.kvm import Kvm, KvmError
+from kvmcore.loader.errors import LoaderError
+from kvmcore.memory import GuestMemory
+from kvmcore.vcpu_loop import StopReason, install_kick_handler
+
+log = logging.getLogger("kvmdm.dm")
+
+EXIT_STOPPED, EXIT_ERROR, EXIT_RESET, EXIT_CRASH = 0, 1, 3, 4
+CONSOLE_CAP = 8 << 20
+
+
+class CappedFdSink:
+    """Console output to the daemon's log file, capped so a chatty guest cannot fill the host's disk."""
+
+    def __init__(self, fd: int, cap: int = CONSOLE_CAP) -> None:
+        self.fd = fd
+        self.cap = cap
+        self.written = 0
+        self.dropped = 0
+        self.tail = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.tail += data
+        if len(self.tail) > 65536:
+            del self.tail[: len(self.tail) - 65536]
+        room = self.cap - self.written
+        if room <= 0:
+            self.dropped += len(data)
+            return
+        chunk = data[:room]
+        try:
+            self.written += os.write(self.fd, chunk)
+        except OSError:
+            self.dropped += len(chunk)
+        self.dropped += len(data) - len(chunk)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kvmdm-dm", description="kvmdm per-guest device-model process")
+    p.add_argument("--control-fd", type=int, required=True)
+    p.add_argument("--definition-fd", type=int, required=True)
+    p.add_argument("--console-fd", type=int, required=True)
+    p.add_argument("--kvm-fd", type=int, required=True)
+    p.add_argument("--kernel-fd", type=int, required=True)
+    p.add_argument("--initrd-fd", type=int)
+    p.add_argument("--disk-fd", type=int, action="append", default=[])
+    p.add_argument("--tap-fd", type=int, action="append", default=[])
+    jail = p.add_mutually_exclusive_group(required=True)
+    jail.add_argument("--no-jail", action="store_true")
+    jail.add_argument("--jail-root", type=Path)
+    p.add_argument("--uid", type=int)
+    p.add_argument("--gid", type=int)
+    return p.parse_args(argv)
+
+
+def _read_fd(fd: int, limit: int) -> bytes:
+    chunks = []
+    total = 0
+    while True:
+        b = os.read(fd, 1 << 20)
+        if not b:
+            break
+        total += len(b)
+        if total > limit:
+            raise LoaderError(f"image on fd {fd} is larger than {limit} bytes")
+        chunks.append(b)
+    os.close(fd)
+    return b"".join(chunks)
+
+
+class DeviceModel:
+    def __init__(self, args: argparse.Namespace, definition: GuestDefinition) -> None:
+        self.args = args
+        self.d = definition
+        self.vmm: Vmm | None = None
+        self.state = "starting"
+        self.started = time.monotonic()
+        self.console = CappedFdSink(args.console_fd)
+        self.control: ControlServer | None = None
+        self.exit_code = EXIT_ERROR
+        self._pending_input = bytearray()
+        self._input_lock = threading.Lock()
+
+    # ---------------------------------------------------------------- control handler (untrusted input)
+    def handle(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+        vmm = self.vmm
+        if cmd == "ping":
+            return {"pong": True}
+        if cmd == "stats":
+            return self.stats()
+        if vmm is None:
+            raise RuntimeError("the guest is not running yet")
+        if cmd == "pause":
+            if self.state == "running":
+                if not vmm.pause():
+                    raise RuntimeError("vCPUs did not pause within 5 s")
+                self._set_state("paused", "paused by the host")
+            return {"state": self.state}
+        if cmd == "resume":
+            if self.state == "paused":
+                vmm.resume()
+                self._set_state("running", "resumed by the host")
+            return {"state": self.state}
+        if cmd == "stop":
+            vmm.state.request_stop(StopReason("host", "stopped by the host"))
+            return {"state": "stopping"}
+        if cmd == "reset":
+            vmm.state.request_stop(StopReason("reset", "reset by the host"))
+            return {"state": "resetting"}
+        if cmd == "console_input":
+            raw = args.get("data")
+            if not isinstance(raw, str) or len(raw) > 8192:
+                raise ValueError("console_input: data must be base64 text of at most 6 KiB")
+            try:
+                data = base64.b64decode(raw, validate=True)
+            except ValueError:
+                raise ValueError("console_input: data is not valid base64") from None
+            with self._input_lock:
+                if len(self._pending_input) + len(data) > 65536:
+                    raise ValueError("console_input: input buffer full, retry later")
+                self._pending_input += data
+            self._drain_input()
+            return {"accepted": len(data)}
+        raise ValueError(f"unknown command {cmd!r}")
+
+    def stats(self) -> dict[str, Any]:
+        vmm = self.vmm
+        devices: dict[str, dict[str, int]] = {"console": {"bytes": self.console.written,
+                                                          "dropped": self.console.dropped}}
+        exits: dict[str, int] = {}
+        if vmm is not None:
+            exits = {k: int(v) for k, v in vmm.exit_counts().items()}
+            devices["pio_bus"] = {k: int(v) for k, v in vars(vmm.pio.stats).items()}
+            devices["mmio_bus"] = {k: int(v) for k, v in vars(vmm.mmio.stats).items()}
+            if vmm.serial is not None:
+                devices["serial"] = {k: int(v) for k, v in vars(vmm.serial.metrics).items()
+                                     if isinstance(v, int)}
+        return {"state": self.state, "uptime_s": round(time.monotonic() - self.started, 3), "exits": exits,
+                "devices": devices, "rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "vcpus": self.d.vcpus}
+
+    def _set_state(self, state: str, reason: str, guest_status: int | None = None) -> None:
+        self.state = state
+        if self.control is not None:
+            self.control.send_event(state, reason, guest_status)
+
+    def _drain_input(self) -> None:
+        if self.vmm is None:
+            return
+        with self._input_lock:
+            if self._pending_input:
+                n = self.vmm.serial_input(bytes(self._pending_input))
+                del self._pending_input[:n]
+
+    # ---------------------------------------------------------------- main
+    def run(self) -> int:
+        a, d = self.args, self.d
+        kernel = _read_fd(a.kernel_fd, 256 << 20)
+        initrd = _read_fd(a.initrd_fd, 1 << 30) if a.initrd_fd is not None else None
+        mem_size = d.memory_mib << 20
+        mem = GuestMemory.create(layout.ram_layout(mem_size))
+        self.control = ControlServer(a.control_fd, self.handle)
+        if not a.no_jail:
+            self._enter_jail(mem)
+        else:
+            log.warning("running WITHOUT a jail (--no-jail): development only")
+        install_kick_handler()
+        signal.signal(signal.SIGTERM, lambda *_: self._stop_from_signal())
+        signal.signal(signal.SIGINT, lambda *_: self._stop_from_signal())
+
+        cfg = MachineConfig(mem_size=mem_size, vcpus=d.vcpus, kernel=kernel, cmdline=d.cmdline, initrd=initrd)
+        self.vmm = vmm = Vmm(cfg, kvm=Kvm(fd=a.kvm_fd), serial_sink=self.console, mem=mem).build()
+        self._attach_disks(vmm)
+        vmm.finish()
+        vmm.start()
+        self._set_state("running", "guest started")
+        reason = None
+        while reason is None:
+            self.control.poll(0.05)
+            self._drain_input()
+            reason = vmm.wait(0)
+        vmm.stop(reason)
+        if reason.kind in ("poweroff", "host"):
+            self._set_state("stopped", reason.message, reason.guest_status)
+            self.exit_code = EXIT_STOPPED
+        elif reason.kind == "reset":
+            self._set_state("stopped", reason.message)
+            self.exit_code = EXIT_RESET
+        elif reason.kind == "crash":
+            self._set_state("crashed", reason.message)
+            self.exit_code = EXIT_CRASH
+        else:
+            self._set_state("crashed", reason.message)
+            self.exit_code = EXIT_ERROR
+        log.info("guest %s stopped: %s", d.name, reason.message)
+        self.control.poll(0.05)  # flush the final event to a connected daemon
+        return self.exit_code
+
+    def _stop_from_signal(self) -> None:
+        if self.vmm is not None:
+            self.vmm.state.request_stop(StopReason("host", "stopped by signal"))
+        else:
+            sys.exit(EXIT_STOPPED)
+
+    def _attach_disks(self, vmm: Vmm) -> None:
+        from pv.blk import Block
+
+        for disk, fd in zip(self.d.disks, self.args.disk_fd, strict=False):
+            if disk.backend != "inline":
+                raise ConfigError([f"disk {disk.path}: backend {disk.backend!r} is not available yet"])
+            vmm.attach_virtio(Block(fd, read_only=disk.read_only, serial=disk.serial))
+
+    def _enter_jail(self, mem: GuestMemory) -> None:
+        from daemon.jail import JailConfig, Rlimits, enter_jail
+
+        a = self.args
+        if a.uid is None or a.gid is None:
+            raise ConfigError(["--jail-root needs --uid and --gid"])
+        biggest = max([os.fstat(fd).st_size for fd in a.disk_fd] + [0])
+        keep = sorted(int(n) for n in os.listdir("/proc/self/fd") if int(n) > 2 or int(n) == 2)
+        keep = [fd for fd in keep if _fd_alive(fd)]
+        enter_jail(JailConfig(
+            root_dir=a.jail_root, uid=a.uid, gid=a.gid, keep_fds=keep,
+            # Writes through passed fds (disk images, console log, dm.log) are bounded by RLIMIT_FSIZE.
+            rlimits=Rlimits(fsize=max(biggest, 64 << 20), nofile=4096, nproc=256),
+        ))
+
+
+def _fd_alive(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="kvmdm-dm[%(process)d] %(levelname)s %(message)s")
+    try:
+        args = parse_args(argv)
+        raw = _read_fd(args.definition_fd, 1 << 20)
+        definition = parse_definition(json.loads(raw), check_paths=False)
+        return DeviceModel(args, definition).run()
+    except (ConfigError, LoaderError, KvmError, ValueError, OSError) as e:
+        log.error("device model failed: %s", e)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

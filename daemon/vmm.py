@@ -1,0 +1,306 @@
+"""The one recipe that turns a validated machine description into a running VM (Firecracker's builder.rs).
+
+Independent ``attach_*`` steps on top of the KVM core: memory, irqchip + PIT, the platform devices on the
+port-I/O and MMIO buses, the PCI root, virtio devices, the kernel, the vCPUs. Used by the per-guest
+device-model process (daemon.dm) and by the one-shot runner (daemon.runner). Imports no web framework.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from devices.bus import Bus, BusDevice, mmio_bus, pio_bus
+from devices.debug_exit import DebugExit
+from devices.i8042 import I8042
+from devices.irq import EventFdTrigger
+from devices.pci import PciConfigIo, PciRoot, assign_bars
+from devices.rtc import Rtc
+from devices.serial import Serial, SerialSink
+from devices.testdev import TestDevIoport, TestDevMmio
+from kvmcore import _abi as abi
+from kvmcore import layout, x86
+from kvmcore.kvm import IrqchipRoute, Kvm, MsiRoute, Vm
+from kvmcore.loader.linux import load_linux
+from kvmcore.loader.multiboot import load_multiboot
+from kvmcore.memory import GuestMemory
+from kvmcore.vcpu_loop import KICK_SIGNAL, StopReason, VcpuThread, VmRunState, install_kick_handler
+
+log = logging.getLogger(__name__)
+
+COM1_PORT, COM1_GSI = 0x3F8, 4
+I8042_PORT = 0x60
+RTC_PORT = 0x70
+DEBUG_EXIT_PORT = 0x501
+TESTDEV_PORT = 0xE0
+PCI_CONFIG_PORT = 0xCF8
+PCI_INTX_GSI_BASE = 16  # IOAPIC pins 16..23 are free for PCI INTx
+FIRST_MSI_GSI = 24
+
+
+@dataclass
+class MachineConfig:
+    mem_size: int
+    vcpus: int = 1
+    kernel: bytes = b""
+    cmdline: str = ""
+    initrd: bytes | None = None
+    testdev: bool = True  # QEMU pc-testdev compatible scratch device (used by the test guests)
+
+
+class KernelFormatError(Exception):
+    """The kernel image is neither a multiboot ELF nor a Linux bzImage."""
+
+
+def detect_kernel_format(image: bytes) -> str:
+    if image[:4] == b"\x7fELF":
+        return "multiboot"
+    if len(image) > 0x206 and image[0x202:0x206] == b"HdrS":
+        return "linux"
+    raise KernelFormatError("kernel image is neither an ELF (multiboot) nor a Linux bzImage")
+
+
+class _Routing:
+    """The VM's GSI routing table. KVM_SET_GSI_ROUTING replaces the whole table, so keep all of it here."""
+
+    def __init__(self, vm: Vm) -> None:
+        self.vm = vm
+        self.msi: dict[int, tuple[int, int]] = {}
+        self.next_gsi = FIRST_MSI_GSI
+
+    def _defaults(self) -> list[IrqchipRoute | MsiRoute]:
+        # What KVM_CREATE_IRQCHIP installs: GSI 0-15 on both PICs and the IOAPIC, 16-23 on the IOAPIC only.
+        routes: list[IrqchipRoute | MsiRoute] = []
+        for gsi in range(24):
+            if gsi < 16:
+                chip = abi.KVM_IRQCHIP_PIC_MASTER if gsi < 8 else abi.KVM_IRQCHIP_PIC_SLAVE
+                if gsi != 2:
+                    routes.append(IrqchipRoute(gsi, chip, gsi % 8))
+            routes.append(IrqchipRoute(gsi, abi.KVM_IRQCHIP_IOAPIC, 2 if gsi == 0 else gsi))
+        return routes
+
+    def set_msi(self, gsi: int, address: int, data: int) -> None:
+        self.msi[gsi] = (address, data)
+        self.vm.set_gsi_routing(self._defaults() + [MsiRoute(g, a, d) for g, (a, d) in self.msi.items()])
+
+    def allocate(self) -> int:
+        gsi = self.next_gsi
+        self.next_gsi += 1
+        return gsi
+
+
+class _PciPlatformAdapter:
+    """devices.pci.PciPlatform for one device, on top of the VMM's buses and VM fd."""
+
+    def __init__(self, vmm: Vmm, intx_gsi: int) -> None:
+        self.vmm = vmm
+        self.intx_gsi = intx_gsi
+
+    def map_mmio(self, device: BusDevice, addr: int, size: int) -> None:
+        self.vmm.mmio.insert(device, addr, size)
+
+    def unmap_mmio(self, addr: int) -> None:
+        self.vmm.mmio.remove(addr)
+
+    def map_pio(self, device: BusDevice, port: int, size: int) -> None:
+        self.vmm.pio.insert(device, port, size)
+
+    def unmap_pio(self, port: int) -> None:
+        self.vmm.pio.remove(port)
+
+    def register_ioeventfd(self, addr: int, length: int, datamatch: int | None, fd: int) -> None:
+        self.vmm.vm.ioeventfd(fd, addr, length, pio=False, datamatch=datamatch)
+
+    def unregister_ioeventfd(self, addr: int, length: int, datamatch: int | None, fd: int) -> None:
+        self.vmm.vm.ioeventfd(fd, addr, length, pio=False, datamatch=datamatch, deassign=True)
+
+    def set_msi_route(self, gsi: int, address: int, data: int, masked: bool) -> None:
+        self.vmm.routing.set_msi(gsi, address, data)
+
+    def allocate_gsi(self) -> int:
+        return self.vmm.routing.allocate()
+
+    def irqfd(self, gsi: int, fd: int, register: bool) -> None:
+        self.vmm.vm.irqfd(fd, gsi, deassign=not register)
+
+    def intx(self, level: bool) -> None:
+        self.vmm.vm.irq_line(self.intx_gsi, 1 if level else 0)
+
+
+@dataclass
+class VmmStats:
+    exits: Counter[str] = field(default_factory=Counter)
+
+
+class Vmm:
+    """A VM being assembled, then run. Call the attach_* steps (or build()), then start(), wait(), close()."""
+
+    def __init__(self, cfg: MachineConfig, *, kvm: Kvm | None = None, serial_sink: SerialSink | None = None,
+                 mem: GuestMemory | None = None) -> None:
+        self.cfg = cfg
+        self.kvm = kvm or Kvm()
+        self.vm = self.kvm.create_vm()
+        self.mem: GuestMemory | None = mem  # pre-created by a caller that must allocate before its jail
+        self.pio: Bus = pio_bus()
+        self.mmio: Bus = mmio_bus()
+        self.state = VmRunState()
+        self.device_lock = threading.Lock()
+        self.serial_sink = serial_sink
+        self.serial: Serial | None = None
+        self.pci_root: PciRoot | None = None
+        self.routing = _Routing(self.vm)
+        self._fds: list[int] = []
+        self._entry: Callable[[], None] | None = None
+        self.started_at: float | None = None
+        self.virtio_devices: list[object] = []
+
+    # ------------------------------------------------------------------ steps
+    def attach_memory(self) -> None:
+        if self.mem is None:
+            self.mem = GuestMemory.create(layout.ram_layout(self.cfg.mem_size))
+        self.vm.map_memory(self.mem)
+
+    def attach_irqchip(self) -> None:
+        self.kvm.require(abi.KVM_CAP_IRQCHIP, abi.KVM_CAP_IRQFD, abi.KVM_CAP_IOEVENTFD, abi.KVM_CAP_IRQ_ROUTING)
+        # Where KVM's real-mode helpers live must be set before vCPUs exist (api.rst KVM_SET_TSS_ADDR).
+        self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+        self.vm.set_tss_addr(layout.KVM_TSS_ADDR)
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+
+    def _eventfd_irq(self, gsi: int) -> EventFdTrigger:
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._fds.append(fd)
+        self.vm.irqfd(fd, gsi)
+        return EventFdTrigger(fd)
+
+    def attach_platform_devices(self) -> None:
+        self.serial = Serial(self._eventfd_irq(COM1_GSI), self.serial_sink)
+        self.pio.insert(self.serial, COM1_PORT, 8)
+        self.pio.insert(I8042(on_reset=lambda: self.state.request_stop(
+            StopReason("reset", "guest requested reset (i8042)"))), I8042_PORT, 5)
+        rtc = Rtc()
+        below = min(self.cfg.mem_size, layout.LOW_RAM_END)
+        rtc.set_memory_size(below, self.cfg.mem_size - below, self.cfg.vcpus)
+        self.pio.insert(rtc, RTC_PORT, 2)
+        self.pio.insert(DebugExit(on_exit=self._debug_exit), DEBUG_EXIT_PORT, 1)
+        if self.cfg.testdev:
+            self.pio.insert(TestDevIoport(), TESTDEV_PORT, 4)
+            self.mmio.insert(TestDevMmio(), layout.TESTDEV_MMIO_BASE, layout.TESTDEV_MMIO_SIZE)
+
+    def _debug_exit(self, status: int) -> None:
+        self.state.request_stop(StopReason("poweroff", f"guest exited through debug-exit with status {status}",
+                                           guest_status=status))
+
+    def attach_pci(self) -> None:
+        self.pci_root = PciRoot()
+        self.pio.insert(PciConfigIo(self.pci_root, on_reset=lambda: self.state.request_stop(
+            StopReason("reset", "guest requested reset (port 0xcf9)"))), PCI_CONFIG_PORT, 8)
+
+    def attach_virtio(self, device: object) -> object:
+        """Put a pv.device.VirtioDevice behind a virtio-pci function on the root bus."""
+        from devices.virtio_pci import VirtioPciDevice
+
+        assert self.pci_root is not None and self.mem is not None
+        slot_guess = len(self.pci_root.devices())
+        intx_gsi = PCI_INTX_GSI_BASE + (slot_guess % 8)
+        dev = VirtioPciDevice(device, self.mem, _PciPlatformAdapter(self, intx_gsi))  # type: ignore[arg-type]
+        self.pci_root.add_device(dev)
+        dev.config.write(0x3C, bytes([intx_gsi]))  # interrupt line: where firmware would have routed INTx
+        self.virtio_devices.append(dev)
+        return dev
+
+    def attach_kernel(self) -> None:
+        assert self.mem is not None
+        kind = detect_kernel_format(self.cfg.kernel)
+        if kind == "multiboot":
+            k = load_multiboot(self.mem, self.cfg.kernel, self.cfg.cmdline)
+            self._entry_kind, self._entry_args = "multiboot", (k.entry, k.mbi_addr)
+        else:
+            lk = load_linux(self.mem, self.cfg.kernel, self.cfg.cmdline, self.cfg.initrd)
+            self._entry_kind, self._entry_args = "linux", (lk.entry64, lk.boot_params)
+
+    def attach_vcpus(self) -> None:
+        assert self.mem is not None
+        for i in range(self.cfg.vcpus):
+            vcpu = self.vm.create_vcpu(i)
+            x86.setup_common(self.kvm, vcpu, self.cfg.vcpus)
+            if i == 0:
+                if self._entry_kind == "multiboot":
+                    x86.setup_multiboot_entry(vcpu, *self._entry_args)
+                else:
+                    x86.setup_linux64_entry(vcpu, self.mem, *self._entry_args)
+            # Application processors stay in wait-for-SIPI, as on real hardware (KVM's default mp_state).
+            t = VcpuThread(vcpu, self.pio, self.mmio, self.state, self.device_lock)
+            self.state.threads.append(t)
+
+    def build(self) -> Vmm:
+        self.attach_memory()
+        self.attach_irqchip()
+        self.attach_platform_devices()
+        self.attach_pci()
+        self.attach_kernel()
+        return self
+
+    def finish(self) -> None:
+        """After every device is attached: place PCI BARs (we boot without firmware), create vCPUs."""
+        if self.pci_root is not None and self.virtio_devices:
+            assign_bars(self.pci_root)
+        self.attach_vcpus()
+
+    # ------------------------------------------------------------------ running
+    def start(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            install_kick_handler()
+        elif signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+            raise RuntimeError("call kvmcore.vcpu_loop.install_kick_handler() from the main thread first")
+        self.started_at = time.monotonic()
+        for t in self.state.threads:
+            t.start()
+
+    def wait(self, timeout: float | None = None) -> StopReason | None:
+        return self.state.wait(timeout)
+
+    def stop(self, reason: StopReason | None = None) -> None:
+        self.state.request_stop(reason or StopReason("host", "stopped by the host"))
+        for t in self.state.threads:
+            t.join(timeout=5)
+
+    def pause(self) -> bool:
+        return self.state.pause()
+
+    def resume(self) -> None:
+        self.state.resume()
+
+    def serial_input(self, data: bytes) -> int:
+        """Feed console input; returns how many bytes the UART took (the rest must be retried)."""
+        if self.serial is None:
+            return 0
+        with self.device_lock:
+            return self.serial.enqueue_input(data)
+
+    def exit_counts(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for t in self.state.threads:
+            total.update(t.exits)
+        return total
+
+    def close(self) -> None:
+        if any(t.is_alive() for t in self.state.threads):
+            self.stop()
+        for dev in self.virtio_devices:
+            close = getattr(dev, "close", None)
+            if close:
+                close()
+        self.vm.close()
+        if self.mem is not None:
+            self.mem.close()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []

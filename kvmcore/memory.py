@@ -1,0 +1,264 @@
+"""Guest RAM: the only door through which any code reads or writes guest memory.
+
+Every access is a checked (gpa, length) pair that must lie inside exactly one region; nothing hands out raw
+pointers except :meth:`GuestMemory.slots`, which exists for the KVM memory-slot ioctl and for sharing the
+backing file descriptors with vhost-user backends. Guest RAM is backed by a memfd so that a backend process can
+map the very same pages later (vhost-user SET_MEM_TABLE passes fds, not addresses).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+PAGE_SIZE = 4096
+
+_U8 = struct.Struct("<B")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class GuestMemoryError(Exception):
+    """Base of every guest-memory failure; guest-caused ones are recoverable by the caller."""
+
+
+class InvalidGuestAddress(GuestMemoryError):
+    """The range [gpa, gpa + length) is not entirely inside one guest RAM region."""
+
+    def __init__(self, gpa: int, length: int) -> None:
+        super().__init__(f"guest range 0x{gpa:x}+0x{length:x} is not backed by guest RAM")
+        self.gpa = gpa
+        self.length = length
+
+
+class GuestAddressOverflow(GuestMemoryError):
+    """gpa + length wraps around the 64-bit guest-physical address space (or is negative)."""
+
+    def __init__(self, gpa: int, length: int) -> None:
+        super().__init__(f"guest range 0x{gpa:x}+0x{length:x} overflows the address space")
+        self.gpa = gpa
+        self.length = length
+
+
+class MemoryLayoutError(GuestMemoryError):
+    """A host-side layout request is malformed (unaligned, overlapping, empty). A config error, not a guest one."""
+
+
+@dataclass(frozen=True)
+class MemorySlot:
+    """What KVM_SET_USER_MEMORY_REGION and vhost-user SET_MEM_TABLE need to know about one region."""
+
+    slot: int
+    gpa: int
+    size: int
+    host_addr: int
+    fd: int
+    fd_offset: int
+
+
+class _Region:
+    __slots__ = ("gpa", "end", "size", "mm", "view", "fd", "fd_offset")
+
+    def __init__(self, gpa: int, size: int, fd: int, fd_offset: int, mm: mmap.mmap) -> None:
+        self.gpa = gpa
+        self.size = size
+        self.end = gpa + size
+        self.fd = fd
+        self.fd_offset = fd_offset
+        self.mm = mm
+        self.view = memoryview(mm)
+
+
+_U64_MAX = (1 << 64) - 1
+
+
+class GuestMemory:
+    """Guest-physical RAM made of non-overlapping page-aligned regions.
+
+    Construct with :meth:`create` (one fresh memfd for all regions) or :meth:`from_fds` (regions received from
+    elsewhere, e.g. a vhost-user memory table).
+    """
+
+    def __init__(self, regions: Sequence[tuple[int, int, int, int]], *, owns_fds: bool) -> None:
+        """regions: (gpa, size, fd, fd_offset) tuples, validated here."""
+        ordered = sorted(regions)
+        prev_end = -1
+        for gpa, size, _fd, off in ordered:
+            if size <= 0 or gpa < 0 or gpa + size - 1 > _U64_MAX:
+                raise MemoryLayoutError(f"bad region gpa=0x{gpa:x} size=0x{size:x}")
+            if gpa % PAGE_SIZE or size % PAGE_SIZE or off % PAGE_SIZE:
+                raise MemoryLayoutError(f"region gpa=0x{gpa:x} size=0x{size:x} is not page aligned")
+            if gpa < prev_end:
+                raise MemoryLayoutError(f"region gpa=0x{gpa:x} overlaps the previous region")
+            prev_end = gpa + size
+        self._owns_fds = owns_fds
+        self._regions: list[_Region] = []
+        try:
+            for gpa, size, fd, off in ordered:
+                mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=off)
+                self._regions.append(_Region(gpa, size, fd, off, mm))
+        except BaseException:
+            # Construction failed, so the fds still belong to the caller (create() closes its memfd itself):
+            # closing them here as well closed the memfd twice and masked the real error with EBADF.
+            self._owns_fds = False
+            self.close()
+            raise
+        self._last = self._regions[0] if self._regions else None
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def create(cls, layout: Iterable[tuple[int, int]], name: str = "kvmdm-guest-ram") -> GuestMemory:
+        """Allocate zeroed RAM for [(gpa, size), ...] in one memfd (sealed against shrinking)."""
+        layout = list(layout)
+        total = sum(size for _gpa, size in layout)
+        if not layout or total <= 0:
+            raise MemoryLayoutError("guest memory layout is empty")
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, total)
+            # A backend that gets this fd must not be able to shrink it under our mappings (SIGBUS in the DM).
+            import fcntl
+
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            regions = []
+            off = 0
+            for gpa, size in layout:
+                regions.append((gpa, size, fd, off))
+                off += size
+            mem = cls(regions, owns_fds=True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return mem
+
+    @classmethod
+    def from_fds(cls, regions: Sequence[tuple[int, int, int, int]]) -> GuestMemory:
+        """Map regions whose fds someone else handed us; the caller keeps ownership of the fds."""
+        return cls(regions, owns_fds=False)
+
+    def close(self) -> None:
+        fds = set()
+        for r in self._regions:
+            r.view.release()
+            r.mm.close()
+            fds.add(r.fd)
+        self._regions = []
+        self._last = None
+        if self._owns_fds:
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- introspection
+    @property
+    def size(self) -> int:
+        return sum(r.size for r in self._regions)
+
+    def regions(self) -> Iterator[tuple[int, int]]:
+        """(gpa, size) of each region, in address order."""
+        for r in self._regions:
+            yield r.gpa, r.size
+
+    def slots(self) -> list[MemorySlot]:
+        """Host-side facts for KVM memory slots and vhost-user memory tables. Not for data access."""
+        out = []
+        for i, r in enumerate(self._regions):
+            addr = ctypes.addressof(ctypes.c_char.from_buffer(r.mm))
+            out.append(MemorySlot(i, r.gpa, r.size, addr, r.fd, r.fd_offset))
+        return out
+
+    # ----------------------------------------------------------------- checking
+    def _find(self, gpa: int, length: int) -> tuple[_Region, int]:
+        """Region and offset for a range that must lie inside one region; raises otherwise."""
+        if gpa < 0 or length < 0 or gpa + length > _U64_MAX + 1:
+            raise GuestAddressOverflow(gpa, length)
+        r = self._last
+        if r is not None and r.gpa <= gpa and gpa + length <= r.end:
+            return r, gpa - r.gpa
+        for r in self._regions:
+            if r.gpa <= gpa < r.end or (length == 0 and gpa == r.end):
+                if gpa + length <= r.end:
+                    self._last = r
+                    return r, gpa - r.gpa
+                break
+        raise InvalidGuestAddress(gpa, length)
+
+    def check_range(self, gpa: int, length: int) -> bool:
+        """True if [gpa, gpa+length) is inside one region (what any access would require)."""
+        try:
+            self._find(gpa, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def contains(self, gpa: int) -> bool:
+        return self.check_range(gpa, 1)
+
+    # ----------------------------------------------------------------- access
+    def read(self, gpa: int, length: int) -> bytes:
+        r, off = self._find(gpa, length)
+        return r.mm[off : off + length]
+
+    def read_into(self, gpa: int, buf: bytearray | memoryview) -> None:
+        n = len(buf)
+        r, off = self._find(gpa, n)
+        buf[:] = r.view[off : off + n]
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        r, off = self._find(gpa, n)
+        r.view[off : off + n] = data
+
+    def fill(self, gpa: int, length: int, byte: int = 0) -> None:
+        r, off = self._find(gpa, length)
+        r.view[off : off + length] = bytes([byte]) * length
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A zero-copy writable view of [gpa, gpa+length); valid until close(). For preadv/pwritev."""
+        r, off = self._find(gpa, length)
+        return r.view[off : off + length]
+
+    def unpack_from(self, st: struct.Struct, gpa: int) -> tuple:
+        r, off = self._find(gpa, st.size)
+        return st.unpack_from(r.mm, off)
+
+    def pack_into(self, st: struct.Struct, gpa: int, *values: object) -> None:
+        r, off = self._find(gpa, st.size)
+        st.pack_into(r.mm, off, *values)
+
+    def read_u8(self, gpa: int) -> int:
+        return self.unpack_from(_U8, gpa)[0]
+
+    def read_u16(self, gpa: int) -> int:
+        return self.unpack_from(_U16, gpa)[0]
+
+    def read_u32(self, gpa: int) -> int:
+        return self.unpack_from(_U32, gpa)[0]
+
+    def read_u64(self, gpa: int) -> int:
+        return self.unpack_from(_U64, gpa)[0]
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        self.pack_into(_U8, gpa, value)
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        self.pack_into(_U16, gpa, value)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.pack_into(_U32, gpa, value)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.pack_into(_U64, gpa, value)

@@ -1,0 +1,199 @@
+"""The vCPU run loop: a pure exit dispatcher (`handle_exit`) and a thread that drives KVM_RUN.
+
+`handle_exit` knows nothing of KVM fds: tests feed it fake exits. Port I/O goes to the I/O-port bus, MMIO to the
+MMIO bus (anything with ``read(addr, data) -> bool`` / ``write(addr, data) -> bool``, e.g. devices.bus.Bus).
+Nothing the guest does raises out of here: unknown exits stop *that guest* with a reason.
+
+Stopping/pausing a vCPU blocked in KVM_RUN: set kvm_run.immediate_exit, then signal the thread (api.rst,
+"immediate_exit"): either KVM_RUN is interrupted by the signal, or it returns EINTR at once if the flag was set
+before entry, so a kick can never be lost between our flag check and the ioctl.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Protocol
+
+from kvmcore import _abi as abi
+from kvmcore import exits as ex
+from kvmcore.kvm import KvmError, Vcpu
+
+log = logging.getLogger(__name__)
+
+KICK_SIGNAL = signal.SIGUSR1
+
+
+class IoBus(Protocol):
+    def read(self, addr: int, data: memoryview) -> bool: ...
+
+    def write(self, addr: int, data: bytes | memoryview) -> bool: ...
+
+
+@dataclass(frozen=True)
+class StopReason:
+    """Why a guest stopped. kind: poweroff | reset | crash | error | host."""
+
+    kind: str
+    message: str
+    guest_status: int | None = None
+
+
+def handle_exit(exit: ex.VcpuExit, pio: IoBus, mmio: IoBus) -> StopReason | None:
+    """Dispatch one exit. Returns a StopReason when the exit ends the guest, None to keep running."""
+    t = type(exit)
+    if t is ex.IoOut:
+        assert isinstance(exit, ex.IoOut)
+        if exit.count == 1:
+            pio.write(exit.port, exit.data)
+        else:  # rep outs: count elements of size bytes each
+            s = exit.size
+            for i in range(exit.count):
+                pio.write(exit.port, exit.data[i * s : (i + 1) * s])
+        return None
+    if t is ex.IoIn:
+        assert isinstance(exit, ex.IoIn)
+        if exit.count == 1:
+            pio.read(exit.port, exit.data)
+        else:
+            s = exit.size
+            for i in range(exit.count):
+                pio.read(exit.port, exit.data[i * s : (i + 1) * s])
+        return None
+    if t is ex.MmioWrite:
+        assert isinstance(exit, ex.MmioWrite)
+        mmio.write(exit.addr, exit.data)
+        return None
+    if t is ex.MmioRead:
+        assert isinstance(exit, ex.MmioRead)
+        mmio.read(exit.addr, exit.data)
+        return None
+    if t is ex.Interrupted or t is ex.Hlt or t is ex.IrqWindowOpen:
+        return None
+    if t is ex.Shutdown:
+        return StopReason("crash", "guest triple fault (KVM_EXIT_SHUTDOWN)")
+    if t is ex.SystemEvent:
+        assert isinstance(exit, ex.SystemEvent)
+        if exit.type == abi.KVM_SYSTEM_EVENT_SHUTDOWN:
+            return StopReason("poweroff", "guest powered off (system event)")
+        if exit.type == abi.KVM_SYSTEM_EVENT_RESET:
+            return StopReason("reset", "guest requested reset (system event)")
+        return StopReason("crash", f"guest system event {exit.type}")
+    if t is ex.InternalError:
+        assert isinstance(exit, ex.InternalError)
+        return StopReason("crash", exit.describe())
+    if t is ex.FailEntry:
+        assert isinstance(exit, ex.FailEntry)
+        return StopReason("crash", f"KVM entry failure (hardware reason 0x{exit.reason:x})")
+    if t is ex.Exception_:
+        assert isinstance(exit, ex.Exception_)
+        return StopReason("crash", f"unhandled guest exception {exit.exception}")
+    reason = getattr(exit, "reason", -1)
+    return StopReason("error", f"unsupported KVM exit reason {reason}")
+
+
+class VmRunState:
+    """Shared by a VM's vCPU threads: stop requests (first reason wins) and pause/resume."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.stop_reason: StopReason | None = None
+        self.paused = False
+        self._parked = 0
+        self.threads: list[VcpuThread] = []
+
+    def request_stop(self, reason: StopReason) -> None:
+        with self._cond:
+            if self.stop_reason is None:
+                self.stop_reason = reason
+            self._cond.notify_all()
+        self.kick_all()
+
+    def kick_all(self) -> None:
+        for t in self.threads:
+            t.kick()
+
+    def pause(self, timeout: float = 5.0) -> bool:
+        with self._cond:
+            self.paused = True
+        self.kick_all()
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self._parked >= sum(1 for t in self.threads if t.is_alive()) or self.stop_reason is not None,
+                timeout,
+            )
+
+    def resume(self) -> None:
+        with self._cond:
+            self.paused = False
+            self._cond.notify_all()
+
+    def park_if_paused(self) -> None:
+        with self._cond:
+            if not self.paused:
+                return
+            self._parked += 1
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: not self.paused or self.stop_reason is not None)
+            self._parked -= 1
+
+    def wait(self, timeout: float | None = None) -> StopReason | None:
+        with self._cond:
+            self._cond.wait_for(lambda: self.stop_reason is not None, timeout)
+            return self.stop_reason
+
+
+def install_kick_handler() -> None:
+    """Must run in the main thread once: a no-op handler so the kick signal interrupts KVM_RUN, not the process."""
+    signal.signal(KICK_SIGNAL, lambda _signum, _frame: None)
+
+
+class VcpuThread(threading.Thread):
+    def __init__(self, vcpu: Vcpu, pio: IoBus, mmio: IoBus, state: VmRunState,
+                 device_lock: threading.Lock) -> None:
+        super().__init__(name=f"vcpu{vcpu.index}", daemon=True)
+        self.vcpu = vcpu
+        self.pio = pio
+        self.mmio = mmio
+        self.state = state
+        self.lock = device_lock
+        self.exits: Counter[str] = Counter()
+        self._started_evt = threading.Event()
+
+    def kick(self) -> None:
+        if self.vcpu.fd < 0:
+            return
+        self.vcpu.set_immediate_exit(True)
+        if self.ident is not None and self.is_alive():
+            try:
+                signal.pthread_kill(self.ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    def run(self) -> None:
+        vcpu, state, lock, counts = self.vcpu, self.state, self.lock, self.exits
+        pio, mmio = self.pio, self.mmio
+        try:
+            while state.stop_reason is None:
+                if state.paused:
+                    state.park_if_paused()
+                    continue
+                exit = vcpu.run()
+                t = type(exit)
+                counts[t.__name__] += 1
+                if t is ex.Interrupted:
+                    vcpu.set_immediate_exit(False)
+                    continue
+                with lock:
+                    reason = handle_exit(exit, pio, mmio)
+                if reason is not None:
+                    state.request_stop(reason)
+                    break
+        except KvmError as e:
+            state.request_stop(StopReason("error", f"vcpu{vcpu.index}: {e}"))
+        except Exception as e:  # a bug in a device must stop this guest, not hang it
+            log.exception("vcpu%d: unexpected error", vcpu.index)
+            state.request_stop(StopReason("error", f"vcpu{vcpu.index}: internal error: {e!r}"))

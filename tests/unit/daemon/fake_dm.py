@@ -1,0 +1,194 @@
+"""A fake device-model process that speaks the real DM contract (argv, fds, control protocol, exit codes).
+
+The daemon's tests point ``--dm-command`` at this script; the real ``daemon.dm`` drops in later. Behaviour is
+steered from the guest definition's ``cmdline`` with ``fake.*`` words, so a test chooses it per guest:
+
+    fake.exit_after=SECONDS   exit by itself after SECONDS with fake.exit_code (default 0)
+    fake.exit_code=N          0 powered off, 3 guest reset, 4 guest crashed, 1 DM error
+    fake.guest_status=N       guest_status reported in the final "stopped" event
+    fake.ignore_stop=1        answer "stop" but keep running (the daemon must fall back to SIGKILL)
+    fake.hang=1               never answer any request (the daemon's timeouts must fire)
+    fake.console_every=SECS   write a console line every SECS
+
+At start it writes one console line listing its open fds (``fake-dm: fds=[...]``) so tests can check the daemon
+passed exactly the contract's fds, and ``fake-dm: args=...`` with its parsed arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import signal
+import stat
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+from daemon.config import ConfigError, parse_definition_json  # noqa: E402
+from daemon.control import ControlServer  # noqa: E402
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fake_dm")
+    p.add_argument("--tag", default="")  # lets tests find their own processes in /proc
+    p.add_argument("--control-fd", type=int, required=True)
+    p.add_argument("--definition-fd", type=int, required=True)
+    p.add_argument("--console-fd", type=int, required=True)
+    p.add_argument("--kvm-fd", type=int, required=True)
+    p.add_argument("--kernel-fd", type=int, required=True)
+    p.add_argument("--initrd-fd", type=int)
+    p.add_argument("--disk-fd", type=int, action="append", default=[])
+    p.add_argument("--tap-fd", type=int, action="append", default=[])
+    p.add_argument("--no-jail", action="store_true")
+    p.add_argument("--jail-root")
+    p.add_argument("--uid", type=int)
+    p.add_argument("--gid", type=int)
+    return p.parse_args(argv)
+
+
+class FakeDM:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        with os.fdopen(args.definition_fd, "rb") as f:
+            self.definition = parse_definition_json(f.read(), check_paths=False)
+        self.opts = {}
+        for word in self.definition.cmdline.split():
+            if word.startswith("fake.") and "=" in word:
+                k, v = word[5:].split("=", 1)
+                self.opts[k] = v
+        self.console_fd = args.console_fd
+        self.state = "starting"
+        self.started = time.monotonic()
+        self.exits = {"io": 0, "mmio": 0, "hlt": 0}
+        self.resets = 0
+        self.console_in = 0
+        self.lock = threading.Lock()
+        self.server = ControlServer(args.control_fd, self.handle)
+        self.exit_code: int | None = None
+
+    def console(self, text: str) -> None:
+        os.write(self.console_fd, text.encode() + b"\n")
+
+    def handle(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+        if self.opts.get("hang") == "1":
+            time.sleep(3600)
+        with self.lock:
+            if cmd == "ping":
+                return {"pong": True}
+            if cmd == "stats":
+                self.exits["io"] += 7
+                self.exits["mmio"] += 3
+                return {"state": self.state, "uptime_s": time.monotonic() - self.started, "exits": dict(self.exits),
+                        "devices": {"serial0": {"tx_bytes": 42, "rx_bytes": self.console_in},
+                                    "virtio-blk0": {"requests": 5}},
+                        "rss_bytes": _rss(), "vcpus": self.definition.vcpus}
+            if cmd == "pause":
+                if self.state != "running":
+                    raise RuntimeError(f"cannot pause in state {self.state}")
+                self.set_state("paused", "paused by daemon")
+                return {}
+            if cmd == "resume":
+                if self.state != "paused":
+                    raise RuntimeError(f"cannot resume in state {self.state}")
+                self.set_state("running", "resumed by daemon")
+                return {}
+            if cmd == "reset":
+                self.resets += 1
+                self.started = time.monotonic()
+                self.console(f"fake-dm: reset #{self.resets}")
+                self.set_state("running", "reset by daemon")
+                return {"resets": self.resets}
+            if cmd == "console_input":
+                data = base64.b64decode(args["data"])
+                self.console_in += len(data)
+                self.console("fake-dm: input " + data.decode("utf-8", "replace"))
+                return {"written": len(data)}
+            if cmd == "stop":
+                if self.opts.get("ignore_stop") == "1":
+                    return {}
+                self.finish(0, "stopped by daemon")
+                return {}
+        raise RuntimeError(f"unhandled command {cmd}")
+
+    def set_state(self, state: str, reason: str, guest_status: int | None = None) -> None:
+        self.state = state
+        self.server.send_event(state, reason, guest_status)
+
+    def finish(self, code: int, reason: str) -> None:
+        status = int(self.opts["guest_status"]) if "guest_status" in self.opts else None
+        state = {0: "stopped", 3: "stopped", 4: "crashed"}.get(code, "crashed")
+        self.set_state(state, reason, status)
+        self.exit_code = code
+        self.server.stop()
+
+    def run(self, fds: list[int]) -> int:
+        self.console(f"fake-dm: booting {self.definition.name} pid={os.getpid()}")
+        self.console(f"fake-dm: fds={fds}")
+        a = self.args
+        kinds = {"kvm": _kind(a.kvm_fd), "kernel": _kind(a.kernel_fd), "disks": [_kind(x) for x in a.disk_fd]}
+        self.console(f"fake-dm: args=jail:{'off' if a.no_jail else a.jail_root} uid={a.uid} gid={a.gid} "
+                     f"kinds={kinds}")
+        self.set_state("running", "guest started")
+        if "exit_after" in self.opts:
+            code = int(self.opts.get("exit_code", "0"))
+            threading.Timer(float(self.opts["exit_after"]), self.finish, (code, f"fake exit {code}")).start()
+        if "console_every" in self.opts:
+            period = float(self.opts["console_every"])
+
+            def tick() -> None:
+                n = 0
+                while self.exit_code is None:
+                    time.sleep(period)
+                    n += 1
+                    self.console(f"fake-dm: tick {n}")
+
+            threading.Thread(target=tick, daemon=True).start()
+        self.server.serve_forever()
+        self.server.close()
+        return self.exit_code or 0
+
+
+def _open_fds() -> list[int]:
+    out = []
+    for x in os.listdir("/proc/self/fd"):
+        try:
+            os.fstat(int(x))  # the directory fd listdir used is closed by now: EBADF
+        except OSError:
+            continue
+        out.append(int(x))
+    return sorted(out)
+
+
+def _kind(fd: int) -> str:
+    st = os.fstat(fd)
+    if stat.S_ISCHR(st.st_mode):
+        return "chr"
+    if stat.S_ISSOCK(st.st_mode):
+        return "sock"
+    return "file" if stat.S_ISREG(st.st_mode) else "other"
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    fds = _open_fds()  # before we open anything ourselves: exactly what the daemon passed
+    args = _parse_args(argv)
+    try:
+        dm = FakeDM(args)
+    except (ConfigError, OSError, ValueError) as e:
+        os.write(args.console_fd, f"fake-dm: error {e}\n".encode())
+        return 1
+    return dm.run(fds)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
