@@ -53,7 +53,8 @@ The order of :func:`enter_jail`, and why each step sits where it does:
     to a pid 1 because it comes from an ancestor namespace), and calls setsid() so it shares no process group
     or controlling tty (TIOCSTI) with the daemon. Consequences the DM must know: it is pid 1 of its namespace,
     so signals without a handler (SIGTERM's default) are ignored by the kernel, install handlers for what you
-    want to receive; ``os.getpid()`` is 1; anything it could fork (it cannot: seccomp) would die with it.
+    want to receive (this includes self-sent ones: ``abort()`` ends in SIGSEGV, not SIGABRT; kernel-forced
+    signals such as seccomp's SIGSYS or a real SIGSEGV are unaffected); ``os.getpid()`` is 1; anything it could fork (it cannot: seccomp) would die with it.
     With ``pid_ns=False`` there is no fork and no keeper.
 11. **seccomp**, last (Firecracker's rule): every earlier step makes syscalls the DM policy forbids. The filter
     applies to the calling thread and is inherited by threads created later, hence single-threaded in step 0.

@@ -359,7 +359,7 @@ DM_POLICY = BASE_POLICY.extend(
         **_BLOCK_IO,
         # Any KVM ioctl on any fd: (cmd & 0xff00) == 0xae00. The kernel truncates cmd to 32 bits and the type
         # lives in bits 8..15, so this matches the kernel's own view of the number.
-        "ioctl": ALWAYS + (Rule((Arg(1, "masked_eq", KVM_IOCTL_TYPE << 8, 0xFF00),)),)
+        "ioctl": (Rule((Arg(1, "masked_eq", KVM_IOCTL_TYPE << 8, 0xFF00),)),)
         + arg_in(1, (TUNGETFEATURES, TUNGETIFF, TUNSETOFFLOAD, TUNSETSNDBUF, TUNGETVNETHDRSZ,
                      TUNSETVNETHDRSZ, TUNSETVNETLE, TUNGETVNETLE)),
     },

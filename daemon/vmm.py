@@ -288,7 +288,7 @@ class Vmm:
     def exit_counts(self) -> Counter[str]:
         total: Counter[str] = Counter()
         for t in self.state.threads:
-            total.update(t.exits)
+            total.update(t.exit_counts())
         return total
 
     def close(self) -> None:

@@ -145,7 +145,13 @@ class GuestMemory:
         fds = set()
         for r in self._regions:
             r.view.release()
-            r.mm.close()
+            try:
+                r.mm.close()
+            except BufferError:
+                # A view() handed out earlier is still alive. Unmapping now is refused (it would leave that view
+                # dangling); the mapping goes away when the last view is dropped. Without this, close() raised
+                # half-way and left released views behind that made later accesses fail with ValueError.
+                pass
             fds.add(r.fd)
         self._regions = []
         self._last = None

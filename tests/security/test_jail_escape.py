@@ -27,7 +27,8 @@ import pytest
 
 from daemon import _jailsys as sys_
 from daemon.jail import JailConfig, JailedResult, run_jailed, spawn_jailed
-from tests.security._workloads import KVM_CREATE_VM, KVM_GET_API_VERSION, dm_workload
+
+from ._workloads import KVM_CREATE_VM, KVM_GET_API_VERSION, dm_workload
 
 pytestmark = pytest.mark.root
 
@@ -91,7 +92,10 @@ def test_writing_a_file_fails_and_nothing_reaches_the_host(
     make_config: Make, jail_root: Path, seccomp: str | None, expected: list[int]
 ) -> None:
     def fn() -> Any:
-        return [_errno_of(lambda: open(p, "w").write("x")) for p in ("/x", "/tmp/escape", "../x")]
+        def write(path: str) -> Callable[[], int]:
+            return lambda: open(path, "w").write("x")
+
+        return [_errno_of(write(p)) for p in ("/x", "/tmp/escape", "../x")]
 
     r = run_jailed(fn, make_config(seccomp=seccomp))
     assert r.value == expected, r
