@@ -8,7 +8,7 @@ setup:
 	./scripts/setup
 
 demo: setup
-	.venv/bin/kvmdm run --demo
+	./scripts/demo
 
 test: setup
 	./scripts/test $(PYTEST_ARGS)
@@ -18,6 +18,7 @@ lint: setup
 
 bench: setup
 	.venv/bin/python -m bench.exits
+	.venv/bin/python -m bench.daemon
 
 clean:
 	rm -rf .venv build .pytest_cache .hypothesis

@@ -28,9 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import stat
-import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -111,6 +109,8 @@ class GuestDefinition:
 
 def generate_mac() -> str:
     """A random locally-administered-by-convention QEMU-range MAC (52:54:00 is QEMU's OUI prefix)."""
+    import secrets  # lazy: the DM imports this module and never generates a MAC (startup time, bench/daemon.py)
+
     b = secrets.token_bytes(3)
     return "52:54:00:" + ":".join(f"{x:02x}" for x in b)
 
@@ -350,6 +350,8 @@ def load_definition_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     raw: Any
     try:
         if p.suffix == ".toml":
+            import tomllib  # lazy, like secrets above: only the CLI and daemon read definition files
+
             raw = tomllib.loads(data.decode("utf-8"))
         else:
             raw = json.loads(data)

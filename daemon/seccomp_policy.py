@@ -365,8 +365,18 @@ DM_POLICY = BASE_POLICY.extend(
     },
 )
 
-# Placeholder for out-of-DM virtio backends (vhost-user): no KVM, socket + block I/O on passed fds.
-BACKEND_POLICY = BASE_POLICY.extend("backend", allow={**_SOCKET_IO, **_BLOCK_IO})
+# Out-of-DM virtio backends (kvmdm-backend, vhost-user): no KVM; socket + block I/O on passed fds, mmap of the
+# front-end's memory fds (already in _CORE, never PROT_EXEC), and the TUN ioctls pv.net issues on an attached tap
+# fd at activate/reset (TUNSETOFFLOAD follows the driver's offload features; the rest are reads / header size).
+BACKEND_POLICY = BASE_POLICY.extend(
+    "backend",
+    allow={
+        **_SOCKET_IO,
+        **_BLOCK_IO,
+        "ioctl": arg_in(1, (TUNGETFEATURES, TUNGETIFF, TUNSETOFFLOAD, TUNGETVNETHDRSZ, TUNSETVNETHDRSZ,
+                            TUNSETVNETLE, TUNGETVNETLE)),
+    },
+)
 
 # The pid-namespace keeper (see daemon.jail): waits for its one child, forwards signals to it, re-raises the
 # child's fatal signal on itself. Nothing else, not even read/write.

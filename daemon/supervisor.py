@@ -325,8 +325,22 @@ class Supervisor:
                 await self._kill_and_wait(g, "destroyed")
             self._release_uid(g)
             await asyncio.to_thread(self._remove_files, name)
+            if g.definition.nics:
+                await asyncio.to_thread(self._release_nics, g.definition)
             self.guests.pop(name, None)
             log.info("guest %s: destroyed", name)
+
+    @staticmethod
+    def _release_nics(d: GuestDefinition) -> None:
+        """Remove taps and bridges daemon.net created for ``d`` (only ones marked ours; errors logged)."""
+        from daemon import net as dnet
+
+        try:
+            dnet.cleanup(d.name)
+            for bridge in {nic.bridge for nic in d.nics if nic.bridge}:
+                dnet.release_bridge(bridge)
+        except Exception as e:  # noqa: BLE001 - NetError, NetlinkError, OSError: log, destroy goes on
+            log.warning("guest %s: network cleanup failed: %s", d.name, e)
 
     def _remove_files(self, name: str) -> None:
         self.store.delete(name)
@@ -480,6 +494,13 @@ class Supervisor:
                 else:
                     fd = keep(os.open(disk.path, (os.O_RDONLY if disk.read_only else os.O_RDWR) | os.O_CLOEXEC))
                 argv += ["--disk-fd", str(fd)]
+            if d.nics:
+                from daemon import net as dnet  # lazy: pyroute2 only for guests with NICs
+
+                for i, nic in enumerate(d.nics):
+                    # Not persistent: the tap goes away with the DM's fd; we close our copy below.
+                    _ifname, fd = dnet.create_tap(nic.tap, bridge=nic.bridge, owner_uid=g.uid, guest=name, index=i)
+                    argv += ["--tap-fd", str(keep(fd))]
             if self._jailed(g):
                 root = self.paths.jail_root(name)
                 root.mkdir(mode=0o755, exist_ok=True)
@@ -770,11 +791,22 @@ class Supervisor:
         """RSS read by the daemon itself from /proc (not trusting the DM's own figure)."""
         if g.pid is None:
             return None
+        pid = self.jailed_child(g.pid) or g.pid
         try:
-            with open(f"/proc/{g.pid}/statm") as f:
+            with open(f"/proc/{pid}/statm") as f:
                 return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError, IndexError):
             return None
+
+    @staticmethod
+    def jailed_child(pid: int) -> int | None:
+        """A jailed DM is the only child of the spawned pid (the jail's keeper, daemon/jail.py step 10): the
+        process whose memory and CPU are the guest's. None for an unjailed DM (it has no child)."""
+        try:
+            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return None
+        return int(kids[0]) if len(kids) == 1 else None
 
     # ------------------------------------------------------------------------------------------- shutdown
 

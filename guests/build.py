@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 RUNTIME_DIR = Path(__file__).resolve().parent / "src"
-RUNTIME_SOURCES = ("boot.S", "rt.S")
+RUNTIME_SOURCES = ("boot.S", "rt.S", "virtio.S")
 RUNTIME_INCLUDES = ("rt.inc",)
 LINKER_SCRIPT = "guest.ld"
 DEMO_SOURCE = RUNTIME_DIR / "hello.S"

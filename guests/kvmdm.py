@@ -6,13 +6,17 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 from daemon.vmm import MachineConfig, Vmm
 from kvmcore.vcpu_loop import StopReason
+from pv.blk import Block
+from pv.device import VirtioDevice
 
 
 class KvmdmTimeoutError(Exception):
@@ -39,11 +43,21 @@ class _Capture:
 
 
 def run_kvmdm(elf: Path | str, append: str = "", stdin_data: bytes = b"", timeout: float = 60, *,
-              send_after: bytes | None = None, memory_mib: int = 128, vcpus: int = 1) -> KvmdmRun:
+              send_after: bytes | None = None, memory_mib: int = 128, vcpus: int = 1,
+              disks: Sequence[tuple[str | Path, bool]] = (), virtio: Sequence[VirtioDevice] = ()) -> KvmdmRun:
+    """disks: (image path, read_only) pairs, each a virtio-blk PCI function in order; virtio: any other
+    pv.device.VirtioDevice instances to attach after them (e.g. a virtio-net backend on a tap)."""
     out = _Capture()
     cfg = MachineConfig(mem_size=memory_mib << 20, vcpus=vcpus, kernel=Path(elf).read_bytes(), cmdline=append)
     vmm = Vmm(cfg, serial_sink=out).build()
+    fds: list[int] = []
     try:
+        for path, read_only in disks:
+            fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+            fds.append(fd)
+            vmm.attach_virtio(Block(fd, read_only=read_only, serial=Path(path).name[:20]))
+        for dev in virtio:
+            vmm.attach_virtio(dev)
         vmm.finish()
         vmm.start()
         deadline = time.monotonic() + timeout
@@ -64,3 +78,5 @@ def run_kvmdm(elf: Path | str, append: str = "", stdin_data: bytes = b"", timeou
                         vmm.exit_counts())
     finally:
         vmm.close()
+        for fd in fds:
+            os.close(fd)

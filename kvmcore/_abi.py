@@ -1,12 +1,13 @@
 """Every KVM C struct and ioctl number kvmdm uses, in one place (mirrors <linux/kvm.h> and <asm/kvm.h>).
 
-Grouped by the fd an ioctl is issued on, as in rust-vmm's kvm_ioctls.rs. tests/unit/kvmcore/test_abi.py compiles
+Grouped by the fd an ioctl is issued on, as in rust-vmm's kvm_ioctls.rs. tests/unit/kvmcore/test_kvmcore_abi.py compiles
 a C program against the system headers and compares every size, offset and number below with the C compiler's.
 """
 
 from __future__ import annotations
 
 import ctypes as C
+from typing import Any
 
 KVMIO = 0xAE
 
@@ -277,7 +278,7 @@ class kvm_vcpu_events(C.Structure):
     _fields_ = [("raw", C.c_uint8 * 64)]
 
 
-def _flex(header: type, entry: type, n: int) -> type:
+def _flex(header: type, entry: Any, n: int) -> type:
     return type(
         f"{header.__name__}_{n}",
         (C.Structure,),
@@ -299,7 +300,7 @@ def routing_buffer(n: int) -> type:
 
 # --------------------------------------------------------------------------- struct kvm_run layout
 # Parsed with struct.unpack_from on the mmap (cheaper than a ctypes view on the hot path); the offsets are
-# checked against offsetof() in C by test_abi.py.
+# checked against offsetof() in C by test_kvmcore_abi.py.
 RUN_IMMEDIATE_EXIT = 1
 RUN_EXIT_REASON = 8
 RUN_IF_FLAG = 13

@@ -51,7 +51,7 @@ _libc.ioctl.argtypes = [C.c_int, C.c_ulong, C.c_ulong]
 _libc.ioctl.restype = C.c_int
 
 
-def _ioctl(fd: int, req: int, arg: int | C.Structure | bytearray = 0) -> int:
+def _ioctl(fd: int, req: int, arg: int | C.Structure | C.Array | C._SimpleCData | bytearray = 0) -> int:
     try:
         if isinstance(arg, int):
             if arg > 0x7FFF_FFFF:
@@ -266,7 +266,12 @@ class Vcpu:
     def close(self) -> None:
         if self.fd >= 0:
             self.run_view.release()
-            self.run_mmap.close()
+            try:
+                self.run_mmap.close()
+            except BufferError:
+                # A live IoIn/MmioRead exit still holds a view of kvm_run. Unmapping is refused while it exists
+                # (it is unmapped when that view is dropped); raising here used to leak this fd and the VM's.
+                pass
             os.close(self.fd)
             self.fd = -1
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 from kvmcore.memory import GuestMemory
@@ -420,14 +420,22 @@ class SplitQueue:
     # ----------------------------------------------------------------- used ring
     def add_used(self, head: int, written: int) -> None:
         """Return chain ``head`` to the driver with ``written`` bytes written into its writable buffers (§2.7.8)."""
-        if not 0 <= head < self.size or not 0 <= written < MAX_CHAIN_BYTES:
-            raise ValueError(f"add_used({head}, {written}) on a queue of size {self.size}")  # device bug
+        self.add_used_many(((head, written),))
+
+    def add_used_many(self, elems: Sequence[tuple[int, int]]) -> None:
+        """Several used elements published with one used-idx store, so the driver sees them together (virtio-net
+        mergeable rx, §5.1.6.3.2: Linux drops a packet whose num_buffers chains are not all there yet)."""
         _d, _a, used = self._views()
-        _USED_ELEM.pack_into(used, 4 + 8 * (self.next_used & (self.size - 1)), head, written)
-        # (A weakly ordered CPU needs a release fence here: the element must be visible before idx. x86: TSO.)
-        self.next_used = (self.next_used + 1) & 0xFFFF
-        _U16.pack_into(used, 2, self.next_used)
-        self._num_added += 1
+        slot = self.next_used
+        for head, written in elems:
+            if not 0 <= head < self.size or not 0 <= written < MAX_CHAIN_BYTES:
+                raise ValueError(f"add_used({head}, {written}) on a queue of size {self.size}")  # device bug
+            _USED_ELEM.pack_into(used, 4 + 8 * (slot & (self.size - 1)), head, written)
+            slot = (slot + 1) & 0xFFFF
+        # (A weakly ordered CPU needs a release fence here: the elements must be visible before idx. x86: TSO.)
+        self.next_used = slot
+        _U16.pack_into(used, 2, slot)
+        self._num_added += len(elems)
 
     def needs_notification(self) -> bool:
         """Whether the driver wants a used-buffer notification for what was added since the last call (§2.7.7)."""

@@ -9,6 +9,7 @@ import ctypes as C
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,7 @@ HEADER = Path("/usr/include/linux/kvm.h")
 
 # ---------------------------------------------------------------------------------------------- what to compare
 # Structs: every ctypes Structure named like its C struct (private helpers such as the routing union excluded).
-STRUCTS: dict[str, type] = {
+STRUCTS: dict[str, Any] = {
     name: obj
     for name, obj in vars(abi).items()
     if name.startswith("kvm_") and isinstance(obj, type) and issubclass(obj, C.Structure | C.Union)
@@ -170,6 +171,6 @@ def test_flexible_array_buffers_place_entries_right_after_the_header(n: int) -> 
     for make, header, entry in ((abi.msrs_buffer, abi.kvm_msrs, abi.kvm_msr_entry),
                                 (abi.cpuid_buffer, abi.kvm_cpuid2, abi.kvm_cpuid_entry2),
                                 (abi.routing_buffer, abi.kvm_irq_routing, abi.kvm_irq_routing_entry)):
-        buf = make(n)
+        buf: Any = make(n)
         assert buf.entries.offset == C.sizeof(header)
         assert C.sizeof(buf) == C.sizeof(header) + n * C.sizeof(entry)

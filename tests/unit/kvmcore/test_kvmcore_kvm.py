@@ -159,7 +159,7 @@ def test_immediate_exit_makes_run_return_interrupted(guest: Guest) -> None:
 # ---------------------------------------------------------------------------------------------- state round trips
 def test_regs_round_trip(guest: Guest) -> None:
     regs = abi.kvm_regs()
-    names = [n for n, _ in abi.kvm_regs._fields_]
+    names = [f[0] for f in abi.kvm_regs._fields_]
     for i, n in enumerate(names):
         setattr(regs, n, 0x1111_0000_0000_0000 + i)
     regs.rflags = 0x2 | (1 << 0)  # CF; bit 1 is always 1
@@ -291,3 +291,62 @@ def test_close_is_idempotent_and_releases_the_vcpu(kvm: Kvm) -> None:
     vm.close()
     vcpu.close()
     mem.close()
+
+
+def test_close_while_an_io_in_exit_still_holds_its_buffer_closes_every_fd(kvm: Kvm) -> None:
+    # Regression: Vcpu.close() raised BufferError (the exit's view kept kvm_run mapped), leaking vCPU and VM fds.
+    vm, mem = _vm(kvm)
+    vcpu = vm.create_vcpu(0)
+    x86.setup_common(kvm, vcpu, 1)
+    mem.write(ENTRY, bytes.fromhex("e499" "ebfe"))  # in $0x99,%al; jmp .
+    x86.setup_multiboot_entry(vcpu, ENTRY, 0)
+    pending = _run_until_io(vcpu)
+    assert isinstance(pending, ex.IoIn)
+    vcpu_fd, vm_fd = vcpu.fd, vm.fd
+    vm.close()
+    mem.close()
+    assert vcpu.fd == -1 and vm.fd == -1
+    for fd in (vcpu_fd, vm_fd):
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    pending.data[0] = 1  # still mapped until the exit goes away: writing is safe, not a use-after-unmap
+
+
+# ---------------------------------------------------------------------------------------------- the vCPU thread
+def test_vcpu_thread_pauses_a_spinning_guest_and_stops_on_request(kvm: Kvm) -> None:
+    import signal
+    import threading
+    import time
+
+    from devices.bus import pio_bus
+    from kvmcore.vcpu_loop import KICK_SIGNAL, StopReason, VcpuThread, VmRunState, install_kick_handler
+
+    old_handler = signal.getsignal(KICK_SIGNAL)
+    install_kick_handler()
+    vm, mem = _vm(kvm)
+    try:
+        vcpu = vm.create_vcpu(0)
+        x86.setup_common(kvm, vcpu, 1)
+        mem.write(ENTRY, bytes.fromhex("e610" "ebfe"))  # out %al,$0x10; jmp .  (spins inside KVM_RUN)
+        x86.setup_multiboot_entry(vcpu, ENTRY, 0)
+        pio, mmio = pio_bus(), pio_bus()
+        state = VmRunState()
+        t = VcpuThread(vcpu, pio, mmio, state, threading.Lock())
+        state.threads.append(t)
+        t.start()
+        deadline = time.monotonic() + 10
+        while pio.stats.unclaimed_writes == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert pio.stats.unclaimed_writes == 1  # the out reached the (empty) bus; the guest now spins
+        # The only way out of `jmp .` is a kick: immediate_exit + signal -> EINTR -> park.
+        assert state.pause(timeout=10) is True
+        state.resume()
+        state.request_stop(StopReason("host", "test over"))
+        t.join(10)
+        assert not t.is_alive()
+        assert state.stop_reason == StopReason("host", "test over")
+        assert t.exits["IoOut"] == 1 and t.exits["Interrupted"] >= 1
+    finally:
+        vm.close()
+        mem.close()
+        signal.signal(KICK_SIGNAL, old_handler)
