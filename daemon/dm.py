@@ -24,6 +24,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import sys
 import threading
 import time
@@ -45,6 +46,7 @@ from kvmcore.vcpu_loop import StopReason, install_kick_handler
 log = logging.getLogger("kvmdm.dm")
 
 EXIT_STOPPED, EXIT_ERROR, EXIT_RESET, EXIT_CRASH = 0, 1, 3, 4
+VIRTIO_BLK_CONFIG_SIZE = 60  # struct virtio_blk_config up to write_zeroes_may_unmap (virtio 1.2 §5.2.4)
 # Wall clock when every import was done: the start of the startup timeline logged once the vCPUs run
 # (bench/daemon.py reads it to split create->first-serial-byte into DM startup and guest boot).
 T_IMPORTED = time.time()
@@ -103,6 +105,8 @@ def _preload_for(d: GuestDefinition) -> None:
         import pv.blk  # noqa: F401
     if d.nics:
         import pv.net  # noqa: F401
+    if any(x.backend == "vhost-user" for x in (*d.disks, *d.nics)):
+        import pv.vhost_user.frontend  # noqa: F401
 
 
 def _read_fd(fd: int, limit: int) -> bytes:
@@ -271,9 +275,15 @@ class DeviceModel:
         from pv.blk import Block
 
         for disk, fd in zip(self.d.disks, self.args.disk_fd, strict=False):
-            if disk.backend != "inline":
-                raise ConfigError([f"disk {disk.path}: backend {disk.backend!r} is not available yet"])
-            vmm.attach_virtio(Block(fd, read_only=disk.read_only, serial=disk.serial))
+            if disk.backend == "vhost-user":
+                # fd is a unix socket the daemon connected to the back-end: the jailed DM cannot connect().
+                from pv.device import VIRTIO_ID_BLOCK
+                from pv.vhost_user.frontend import VhostUserDevice
+
+                vmm.attach_virtio(VhostUserDevice(socket.socket(fileno=fd), VIRTIO_ID_BLOCK, num_queues=1,
+                                                  config_size=VIRTIO_BLK_CONFIG_SIZE))
+            else:
+                vmm.attach_virtio(Block(fd, read_only=disk.read_only, serial=disk.serial))
 
     def _attach_nics(self, vmm: Vmm) -> None:
         if not self.d.nics:

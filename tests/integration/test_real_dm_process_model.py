@@ -368,7 +368,8 @@ def _settled_fds(pid: int) -> dict[str, str]:
     return prev
 
 
-def test_20_real_guests_created_run_and_destroyed_leak_nothing(daemon: RealDaemon) -> None:
+@pytest.mark.parametrize("nics", [[], [{}]], ids=["no-nic", "tap-nic"])
+def test_20_real_guests_created_run_and_destroyed_leak_nothing(daemon: RealDaemon, nics: list[Any]) -> None:
     assert daemon.proc is not None
     dpid = daemon.proc.pid
     # Warm up once: the daemon's first start imports and opens things that stay (log file, kernel cache).
@@ -382,9 +383,10 @@ def test_20_real_guests_created_run_and_destroyed_leak_nothing(daemon: RealDaemo
     kids0 = set(children(os.getpid()))
     for i in range(20):
         name = f"g{i}"
-        daemon.create(name, "demo")
+        daemon.create(name, "demo", nics=nics)
         daemon.start_guest(name)
         wait_until(lambda n=name: daemon.guest(n)["state"] == "stopped", 10)  # type: ignore[misc]
+        assert daemon.guest(name)["last_exit_code"] == 0
         assert DEMO_BANNER in daemon.console(name)
         assert daemon.json("DELETE", f"/v1/guests/{name}") == {"deleted": name}
     assert daemon.dm_pids() == []
@@ -445,3 +447,13 @@ def test_guest_with_a_disk_starts_jailed_because_virtio_is_imported_before_the_j
     assert g["last_exit_code"] == 0, (g, (daemon.state_dir / "guests" / "dk" / "dm.log").read_text())
     assert DEMO_BANNER in daemon.console("dk")
     assert "pv.blk" not in (daemon.state_dir / "guests" / "dk" / "dm.log").read_text()
+
+
+def test_a_running_guests_tap_exists_and_is_gone_after_destroy(daemon: RealDaemon, elves: dict[str, str]) -> None:
+    links0 = _links()
+    daemon.create("n", elves["uart_irq"], cmdline="timeout=60000", memory_mib=16, nics=[{}])
+    daemon.start_guest("n")
+    wait_until(lambda: b"READY" in daemon.console("n"), 10)
+    assert len(_links() - links0) == 1  # the daemon made a tap and handed it to the jailed DM
+    daemon.json("DELETE", "/v1/guests/n")
+    wait_until(lambda: _links() == links0, 3)
