@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             d.json("POST", "/v1/guests/warm/start")
             wait_until(lambda: d.guest("warm")["state"] == "stopped", 10)
             d.json("DELETE", "/v1/guests/warm")
-            res = {"startup": bench_startup(d, a.runs, demo),
+            res: dict[str, Any] = {"startup": bench_startup(d, a.runs, demo),
                    "memory": [bench_memory(d, loop_elf, m) for m in (16, 256)],
                    "rest": bench_rest(d, uart_elf, a.guests, a.requests)}
         finally:

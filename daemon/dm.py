@@ -105,7 +105,7 @@ def _preload_for(d: GuestDefinition) -> None:
         import pv.blk  # noqa: F401
     if d.nics:
         import pv.net  # noqa: F401
-    if any(x.backend == "vhost-user" for x in (*d.disks, *d.nics)):
+    if any(disk.backend == "vhost-user" for disk in d.disks) or any(nic.backend == "vhost-user" for nic in d.nics):
         import pv.vhost_user.frontend  # noqa: F401
 
 
@@ -233,6 +233,7 @@ class DeviceModel:
 
         cfg = MachineConfig(mem_size=mem_size, vcpus=d.vcpus, kernel=kernel, cmdline=d.cmdline, initrd=initrd)
         self.vmm = vmm = Vmm(cfg, kvm=Kvm(fd=a.kvm_fd), serial_sink=self.console, mem=mem).build()
+        vmm.on_device_alert = lambda msg: self._set_state(self.state, msg)  # shows in the daemon's /health
         self._attach_disks(vmm)
         self._attach_nics(vmm)
         vmm.finish()

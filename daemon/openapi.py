@@ -81,6 +81,8 @@ _INFO_PROPS: dict[str, Any] = {
     "guest_status": {"type": "integer", "nullable": True},
     "restarts": {"type": "integer", "minimum": 0},
     "uid": {"type": "integer", "nullable": True},
+    # The DM's latest state-event reason, e.g. "Block (PCI slot 1) needs reset: vhost-user back-end disconnected".
+    "last_event": {"type": "string", "nullable": True},
 }
 
 _COUNTERS = {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}}

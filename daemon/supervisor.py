@@ -156,6 +156,7 @@ class Guest:
             "guest_status": self.guest_status,
             "restarts": self.restarts,
             "uid": self.uid,
+            "last_event": self.last_event.reason if self.last_event is not None else None,
         }
 
 

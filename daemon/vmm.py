@@ -159,6 +159,8 @@ class Vmm:
         self._entry: Callable[[], None] | None = None
         self.started_at: float | None = None
         self.virtio_devices: list[object] = []
+        self.device_alerts: list[str] = []
+        self.on_device_alert: Callable[[str], None] | None = None
 
     # ------------------------------------------------------------------ steps
     def attach_memory(self) -> None:
@@ -213,8 +215,15 @@ class Vmm:
         dev = VirtioPciDevice(device, self.mem, _PciPlatformAdapter(self, intx_gsi))  # type: ignore[arg-type]
         self.pci_root.add_device(dev)
         dev.config.write(0x3C, bytes([intx_gsi]))  # interrupt line: where firmware would have routed INTx
+        label = f"{type(device).__name__} (PCI slot {slot_guess})"
+        dev.on_needs_reset = lambda why: self._device_alert(f"{label} needs reset: {why}")
         self.virtio_devices.append(dev)
         return dev
+
+    def _device_alert(self, message: str) -> None:
+        self.device_alerts.append(message)
+        if self.on_device_alert is not None:
+            self.on_device_alert(message)
 
     def attach_kernel(self) -> None:
         assert self.mem is not None

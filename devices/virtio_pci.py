@@ -26,6 +26,7 @@ import os
 import select
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from devices.pci.config import BarSpec, BarType, PciConfiguration
@@ -266,6 +267,9 @@ class VirtioPciDevice(PciDevice):
         self.msix.on_mode_change = self._wake_poller
 
         self.stats = VirtioPciStats()
+        # Why the device last went to DEVICE_NEEDS_RESET, and who wants to know (the DM tells the daemon).
+        self.needs_reset_reason: str | None = None
+        self.on_needs_reset: Callable[[str], None] | None = None
         self._log = RateLimitedLog(log, per_second=5)
         self._lock = threading.RLock()
         self._health_lock = threading.Lock()
@@ -610,7 +614,10 @@ class VirtioPciDevice(PciDevice):
                 return
             if needs_reset:
                 self._needs_reset = True
+                self.needs_reset_reason = reason
                 self._log.warning("virtio-pci: device needs reset: %s", reason)
+                if self.on_needs_reset is not None:
+                    self.on_needs_reset(reason)
             else:
                 self.config_generation = (self.config_generation + 1) & 0xFF
             # §2.1.2 / §4.1.4.5: with DRIVER_OK set, the device sends a configuration change notification.

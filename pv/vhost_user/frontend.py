@@ -189,7 +189,7 @@ class VhostUserDevice(VirtioDevice):
         stop_fd = self._watch_stop
 
         def run() -> None:
-            r, _, _ = select.select([self.sock, stop_fd], [], [])
+            r, _, _ = select.select([self.sock.fileno(), stop_fd], [], [])
             if stop_fd in r:
                 return
             log.warning("vhost-user back-end hung up while its rings were running")

@@ -63,7 +63,11 @@ def _start_backend(tmp_path: Path, *extra: str, jail: bool = True) -> Backend:
     if not image.exists():
         image.write_bytes(bytes(64 * BLOCK))
     argv = [sys.executable, "-m", "daemon.backend_main", "blk", "--socket", str(sock), "--image", str(image), *extra]
-    if not jail:
+    if jail:
+        root = tmp_path / f"jail-{len(list(tmp_path.glob('jail-*')))}"
+        root.mkdir(mode=0o700)  # empty, root-owned, not group/world-writable (JailConfig.validate_host)
+        argv += ["--jail-root", str(root)]
+    else:
         argv.append("--no-jail")
     proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
