@@ -21,6 +21,9 @@ Schema (every key optional unless marked; unknown keys are errors that name the 
     max_restarts int 0..1000                    (default 5) restarts allowed within restart_window_s
     restart_window_s int 1..86400               (default 60)
     jail         {enabled: bool (true)}
+    rng          bool (false): a virtio-rng device (pv.rng.Rng, getrandom) after the disks and nics
+    console2     bool (false): a virtio-console (pv.console.Console, the guest's hvc0) after rng; its output goes
+                 to the same console log as COM1, every line prefixed with "[hvc0] "
 """
 
 from __future__ import annotations
@@ -96,6 +99,8 @@ class GuestDefinition:
     max_restarts: int = 5
     restart_window_s: int = 60
     jail: JailConfig = field(default_factory=JailConfig)
+    rng: bool = False
+    console2: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -215,7 +220,7 @@ def _join(path: str, key: str) -> str:
 
 
 _TOP_KEYS = {"name", "vcpus", "memory_mib", "kernel", "initrd", "cmdline", "disks", "nics", "restart",
-             "max_restarts", "restart_window_s", "jail"}
+             "max_restarts", "restart_window_s", "jail", "rng", "console2"}
 _DISK_KEYS = {"path", "read_only", "serial", "backend"}
 _NIC_KEYS = {"mac", "tap", "bridge", "backend"}
 _JAIL_KEYS = {"enabled"}
@@ -252,6 +257,8 @@ def parse_definition(raw: Any, *, check_paths: bool = True) -> GuestDefinition:
     restart = opt("restart", "on-failure", lambda p, v: c.choice(p, v, RESTART_POLICIES))
     max_restarts = opt("max_restarts", 5, lambda p, v: c.integer(p, v, *MAX_RESTARTS_RANGE))
     window = opt("restart_window_s", 60, lambda p, v: c.integer(p, v, *RESTART_WINDOW_RANGE))
+    rng = opt("rng", False, c.boolean)
+    console2 = opt("console2", False, c.boolean)
 
     jail = JailConfig()
     if "jail" in top:
@@ -329,7 +336,7 @@ def parse_definition(raw: Any, *, check_paths: bool = True) -> GuestDefinition:
     return GuestDefinition(
         name=name, kernel=kernel, vcpus=vcpus, memory_mib=memory, initrd=initrd, cmdline=cmdline,
         disks=tuple(disks), nics=tuple(nics), restart=restart, max_restarts=max_restarts,
-        restart_window_s=window, jail=jail,
+        restart_window_s=window, jail=jail, rng=bool(rng), console2=bool(console2),
     )
 
 

@@ -100,9 +100,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _preload_for(d: GuestDefinition) -> None:
     """Import, before the jail, what this guest's devices need. The virtio PCI transport and the block backend
     cost ~25 ms of DM startup (bench/daemon.py), so a guest without virtio devices does not pay for them."""
-    if d.disks or d.nics:
+    if d.disks or d.nics or d.rng or d.console2:
         import devices.virtio_pci  # noqa: F401
         import pv.blk  # noqa: F401
+    if d.rng:
+        import pv.rng  # noqa: F401
+    if d.console2:
+        import pv.console  # noqa: F401
     if d.nics:
         import pv.net  # noqa: F401
     if any(disk.backend == "vhost-user" for disk in d.disks) or any(nic.backend == "vhost-user" for nic in d.nics):
@@ -192,8 +196,7 @@ class DeviceModel:
                 devices["serial"] = {k: int(v) for k, v in vars(vmm.serial.metrics).items()
                                      if isinstance(v, int)}
         try:
-            # Peak RSS. getrusage(2) is not in the jailed DM's seccomp allowlist (EPERM): then 0, and the
-            # daemon's own /proc reading (Supervisor.dm_rss) is the figure that counts anyway.
+            # Peak RSS (the daemon's /proc reading, Supervisor.dm_rss, is the current figure).
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         except OSError:
             rss = 0
@@ -236,6 +239,7 @@ class DeviceModel:
         vmm.on_device_alert = lambda msg: self._set_state(self.state, msg)  # shows in the daemon's /health
         self._attach_disks(vmm)
         self._attach_nics(vmm)
+        self._attach_rng_console(vmm)
         vmm.finish()
         t_built = time.time()
         vmm.start()
@@ -285,6 +289,19 @@ class DeviceModel:
                                                   config_size=VIRTIO_BLK_CONFIG_SIZE))
             else:
                 vmm.attach_virtio(Block(fd, read_only=disk.read_only, serial=disk.serial))
+
+    def _attach_rng_console(self, vmm: Vmm) -> None:
+        """virtio-rng and the second console (virtio-console), after disks and nics, when the definition asks.
+        The console shares COM1's capped log; its lines carry a "[hvc0] " prefix so the streams stay apart.
+        Host input (console_input) still goes to COM1 only."""
+        if self.d.rng:
+            from pv.rng import Rng
+
+            vmm.attach_virtio(Rng())
+        if self.d.console2:
+            from pv.console import Console, LinePrefixSink
+
+            vmm.attach_virtio(Console(LinePrefixSink(self.console)))
 
     def _attach_nics(self, vmm: Vmm) -> None:
         if not self.d.nics:

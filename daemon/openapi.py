@@ -69,6 +69,9 @@ _DEF_PROPS: dict[str, Any] = {
                          "maximum": RESTART_WINDOW_RANGE[1], "default": 60},
     "jail": {"type": "object", "additionalProperties": False,
              "properties": {"enabled": {"type": "boolean", "default": True}}},
+    "rng": {"type": "boolean", "default": False, "description": "Attach a virtio-rng device (getrandom)"},
+    "console2": {"type": "boolean", "default": False,
+                 "description": 'Attach a virtio-console; its lines go to the console log prefixed "[hvc0] "'},
 }
 
 _INFO_PROPS: dict[str, Any] = {

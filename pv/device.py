@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from kvmcore.memory import GuestMemory
 
@@ -49,6 +49,9 @@ class QueueConfig:
     kick_fd: int  # eventfd the guest's notify write signals (ioeventfd)
     call_fd: int  # eventfd the backend writes to interrupt the guest (irqfd or transport-polled)
     event_idx: bool = False
+    # Where the rings resume (vhost-user SET_VRING_BASE, snapshot restore); 0/0 for a fresh start (§2.7).
+    next_avail: int = 0
+    next_used: int = 0
 
 
 class DeviceHealth(Protocol):
@@ -83,6 +86,10 @@ class VirtioDevice(ABC):
     @abstractmethod
     def activate(self, mem: GuestMemory, queues: list[QueueConfig], health: DeviceHealth) -> None:
         """DRIVER_OK: start serving the queues (typically a worker thread polling the kick fds)."""
+
+    def active_queues(self) -> list[Any]:
+        """The pv.queue.SplitQueue objects serving right now (to read ring positions back when stopping)."""
+        return []
 
     @abstractmethod
     def reset(self) -> None:

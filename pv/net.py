@@ -495,6 +495,9 @@ class Net(VirtioDevice):
         if self._health is not None and self.acked_features & (1 << VIRTIO_NET_F_STATUS):
             self._health.config_changed()
 
+    def active_queues(self) -> list[SplitQueue]:
+        return list(self._queues)
+
     def activate(self, mem: GuestMemory, queues: list[QueueConfig], health: DeviceHealth) -> None:
         self.reset()
         self._health = health

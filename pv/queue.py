@@ -269,6 +269,8 @@ class SplitQueue:
         self._used_view: memoryview | None = None
         self._used_event_off = 4 + 2 * self.size
         self._avail_event_off = 4 + 8 * self.size
+        if cfg.next_avail or cfg.next_used:
+            self.set_position(cfg.next_avail, cfg.next_used)
 
     # ----------------------------------------------------------------- validation
     def validate(self) -> None:

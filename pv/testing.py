@@ -237,3 +237,17 @@ class MockSplitQueue:
                 self._free.extend(self._chains.pop(head))
             self.last_used = (self.last_used + 1) & 0xFFFF
         return out
+
+
+class FakeHealth:
+    """A DeviceHealth that records what the device reported (tests)."""
+
+    def __init__(self) -> None:
+        self.resets: list[str] = []
+        self.config_changes = 0
+
+    def needs_reset(self, reason: str) -> None:
+        self.resets.append(reason)
+
+    def config_changed(self) -> None:
+        self.config_changes += 1

@@ -244,6 +244,9 @@ class WorkerDevice(VirtioDevice):
     def name(self) -> str:
         return type(self).__name__.lower()
 
+    def active_queues(self) -> list[SplitQueue]:
+        return list(self.queues)
+
     def activate(self, mem: GuestMemory, queues: list[QueueConfig], health: DeviceHealth) -> None:
         self.reset()
         indirect = bool(self.acked_features & (1 << VIRTIO_F_INDIRECT_DESC))

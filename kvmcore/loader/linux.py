@@ -38,6 +38,8 @@ OFF_KERNEL_ALIGNMENT = 0x230
 OFF_RELOCATABLE = 0x234
 OFF_XLOADFLAGS = 0x236
 OFF_CMDLINE_SIZE = 0x238
+OFF_PREF_ADDRESS = 0x258
+OFF_INIT_SIZE = 0x260
 OFF_E820_TABLE = 0x2D0
 E820_MAX = 128
 
@@ -107,6 +109,20 @@ def e820_map(mem: GuestMemory) -> list[tuple[int, int, int]]:
     return out
 
 
+def _runtime_end(image: bytes, hdr: SetupHeader) -> int:
+    """End of the memory the kernel uses before it reads its memory map (boot.rst, protocol 2.10 init_size).
+
+    It counts from the runtime start address: a relocatable 64-bit kernel loaded below pref_address
+    (LOAD_PHYSICAL_ADDR) moves up to it (arch/x86/boot/compressed/head_64.S) and decompresses in place there, so
+    an initrd inside [max(load address, pref_address), + init_size) would be overwritten before it is read.
+    """
+    if hdr.version < 0x020A or len(image) < OFF_INIT_SIZE + 4:
+        return 0
+    pref_address = struct.unpack_from("<Q", image, OFF_PREF_ADDRESS)[0]
+    init_size = struct.unpack_from("<I", image, OFF_INIT_SIZE)[0]
+    return max(KERNEL_ADDR, pref_address) + init_size
+
+
 def load_linux(mem: GuestMemory, image: bytes, cmdline: str = "", initrd: bytes | None = None) -> LoadedLinux:
     hdr = parse_setup_header(image)
     kernel = image[(hdr.setup_sects + 1) * 512 :]
@@ -133,8 +149,8 @@ def load_linux(mem: GuestMemory, image: bytes, cmdline: str = "", initrd: bytes 
         low_ram_end = next((gpa + size for gpa, size in mem.regions() if gpa == 0), 0)
         top = min(hdr.initrd_addr_max + 1, low_ram_end)
         addr = (top - len(initrd)) & ~0xFFF
-        if addr < kernel_end:
-            raise ImageTooLarge("initrd does not fit between the kernel and initrd_addr_max")
+        if addr < max(kernel_end, _runtime_end(image, hdr)):
+            raise ImageTooLarge("initrd does not fit between the kernel (up to its init_size) and initrd_addr_max")
         mem.write(addr, initrd)
         struct.pack_into("<II", bp, OFF_RAMDISK_IMAGE, addr, len(initrd))
         initrd_span = (addr, len(initrd))

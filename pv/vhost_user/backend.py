@@ -26,7 +26,7 @@ import socket
 import stat
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from devices.ratelimit import RateLimitedLog
 from kvmcore.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
@@ -54,7 +54,7 @@ from pv.vhost_user.protocol import (
     UnknownRequest,
     VringAddr,
 )
-from pv.worker import ChainHandler, QueueWorker, WorkerDevice
+from pv.worker import QueueWorker
 
 log = logging.getLogger(__name__)
 
@@ -568,49 +568,18 @@ class VhostUserSession:
                 self._device_error(reason)
 
     def _activate(self, mem: GuestMemory, cfgs: list[QueueConfig]) -> None:
-        """``device.activate`` with each queue resumed at its ring's base (vhost-user's SET_VRING_BASE).
-
-        WorkerDevice.activate always starts queues at index 0 and has no place for a start position, so for
-        WorkerDevices that do not override activate we do the same steps here with SplitQueue.set_position
-        before the worker thread starts. (Interface change requested: QueueConfig.next_avail / next_used.)
-        """
+        """``device.activate`` with each queue resumed at its ring's base (vhost-user's SET_VRING_BASE); the used
+        index is whatever the ring holds (libvhost-user does the same: used_idx is read when the ring starts)."""
         dev = self.device
         self.stats.activations += 1
         by_index = {v.index: v for v in self.vrings}
-        if isinstance(dev, WorkerDevice) and type(dev).activate is WorkerDevice.activate:
-            dev.reset()
-            indirect = bool(dev.acked_features & (1 << VIRTIO_F_INDIRECT_DESC))
-            served: list[tuple[SplitQueue, ChainHandler]] = []
-            running: list[tuple[Vring, SplitQueue]] = []
-            try:
-                for cfg in cfgs:
-                    q = SplitQueue(mem, cfg, indirect=indirect)
-                    served.append((q, dev.chain_handler(cfg.index)))
-                    q.validate()
-                    # Resume where the front-end says; the used index is whatever the ring holds (libvhost-user
-                    # does the same: used_idx is read from the ring when it starts).
-                    used_idx = mem.read_u16(cfg.used_ring + 2)
-                    q.set_position(by_index[cfg.index].base, used_idx)
-                    running.append((by_index[cfg.index], q))
-            except (InvalidQueueConfig, GuestMemoryError) as e:
-                for q, _h in served:
-                    q.close()
-                raise InvalidQueueConfig(str(e)) from None
-            dev.queues = [q for q, _h in served]
-            dev.worker = QueueWorker(dev.name, served, self._health)
-            dev.worker.start()
-            self._running = running
-            return
-        for c in cfgs:
-            if by_index[c.index].base or mem.read_u16(c.used_ring + 2):
-                # Without a start position in QueueConfig, a device with its own activate (pv.net.Net) can only
-                # start rings from index 0; resuming it elsewhere would replay or skip chains.
-                raise InvalidQueueConfig(f"{type(dev).__name__} cannot resume ring {c.index} at a non-zero index")
+        try:
+            cfgs = [replace(c, next_avail=by_index[c.index].base, next_used=mem.read_u16(c.used_ring + 2))
+                    for c in cfgs]
+        except GuestMemoryError as e:
+            raise InvalidQueueConfig(str(e)) from None
         dev.activate(mem, cfgs, self._health)
-        # Devices keep their SplitQueues as ``queues`` (WorkerDevice) or ``_queues`` (pv.net.Net); we need them
-        # to read the positions back when the ring stops (interface change requested: see _activate's doc).
-        queues = getattr(dev, "queues", None) or getattr(dev, "_queues", None) or []
-        self._running = [(by_index[q.index], q) for q in queues if isinstance(q, SplitQueue)]
+        self._running = [(by_index[q.index], q) for q in dev.active_queues() if isinstance(q, SplitQueue)]
 
     def _device_error(self, reason: str) -> None:
         """A ring hit a guest error (or failed to start): count, log, signal every err eventfd we were given."""

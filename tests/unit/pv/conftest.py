@@ -7,7 +7,7 @@ import pytest
 
 from kvmcore.memory import GuestMemory
 from pv.queue import SplitQueue
-from pv.testing import MockSplitQueue, make_guest_memory
+from pv.testing import FakeHealth, MockSplitQueue, make_guest_memory
 
 
 @pytest.fixture
@@ -35,18 +35,6 @@ def eventfd() -> Iterator[int]:
     fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     yield fd
     os.close(fd)
-
-
-class FakeHealth:
-    def __init__(self) -> None:
-        self.resets: list[str] = []
-        self.config_changes = 0
-
-    def needs_reset(self, reason: str) -> None:
-        self.resets.append(reason)
-
-    def config_changed(self) -> None:
-        self.config_changes += 1
 
 
 @pytest.fixture

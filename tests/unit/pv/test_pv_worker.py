@@ -11,14 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FakeHealth
 
 from kvmcore.memory import GuestMemory
 from pv.blk import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, Block
 from pv.device import VIRTIO_F_INDIRECT_DESC
 from pv.queue import VIRTQ_DESC_F_NEXT, DescriptorChain, SplitQueue
 from pv.rng import Rng
-from pv.testing import MockSplitQueue
+from pv.testing import FakeHealth, MockSplitQueue
 from pv.worker import QueueWorker, Throttled
 
 TIMEOUT = 5.0
