@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from devices.bus import Bus, BusDevice, mmio_bus, pio_bus
 from devices.debug_exit import DebugExit
@@ -31,6 +32,10 @@ from kvmcore.loader.linux import load_linux
 from kvmcore.loader.multiboot import load_multiboot
 from kvmcore.memory import GuestMemory
 from kvmcore.vcpu_loop import KICK_SIGNAL, StopReason, VcpuThread, VmRunState, install_kick_handler
+from pv.device import VirtioDevice
+
+if TYPE_CHECKING:
+    from devices.virtio_pci import VirtioPciDevice
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +161,11 @@ class Vmm:
         self.pci_root: PciRoot | None = None
         self.routing = _Routing(self.vm)
         self._fds: list[int] = []
-        self._entry: Callable[[], None] | None = None
+        # Set by attach_kernel: which boot protocol's entry state vCPU 0 gets, and its (entry, info address).
+        self._entry_kind = ""
+        self._entry_args: tuple[int, int] = (0, 0)
         self.started_at: float | None = None
-        self.virtio_devices: list[object] = []
+        self.virtio_devices: list[VirtioPciDevice] = []
         self.device_alerts: list[str] = []
         self.on_device_alert: Callable[[str], None] | None = None
 
@@ -205,17 +212,18 @@ class Vmm:
         self.pio.insert(PciConfigIo(self.pci_root, on_reset=lambda: self.state.request_stop(
             StopReason("reset", "guest requested reset (port 0xcf9)"))), PCI_CONFIG_PORT, 8)
 
-    def attach_virtio(self, device: object) -> object:
+    def attach_virtio(self, device: VirtioDevice) -> VirtioPciDevice:
         """Put a pv.device.VirtioDevice behind a virtio-pci function on the root bus."""
         from devices.virtio_pci import VirtioPciDevice
 
         assert self.pci_root is not None and self.mem is not None
-        slot_guess = len(self.pci_root.devices())
-        intx_gsi = PCI_INTX_GSI_BASE + (slot_guess % 8)
-        dev = VirtioPciDevice(device, self.mem, _PciPlatformAdapter(self, intx_gsi))  # type: ignore[arg-type]
-        self.pci_root.add_device(dev)
-        dev.config.write(0x3C, bytes([intx_gsi]))  # interrupt line: where firmware would have routed INTx
-        label = f"{type(device).__name__} (PCI slot {slot_guess})"
+        platform = _PciPlatformAdapter(self, intx_gsi=-1)
+        dev = VirtioPciDevice(device, self.mem, platform)
+        slot = self.pci_root.add_device(dev)
+        # INTx of slot N on IOAPIC pin 16 + N % 8; the interrupt line register says so, as firmware would.
+        platform.intx_gsi = PCI_INTX_GSI_BASE + slot % 8
+        dev.config.write(0x3C, bytes([platform.intx_gsi]))
+        label = f"{type(device).__name__} (PCI slot {slot})"
         dev.on_needs_reset = lambda why: self._device_alert(f"{label} needs reset: {why}")
         self.virtio_devices.append(dev)
         return dev
@@ -304,9 +312,7 @@ class Vmm:
         if any(t.is_alive() for t in self.state.threads):
             self.stop()
         for dev in self.virtio_devices:
-            close = getattr(dev, "close", None)
-            if close:
-                close()
+            dev.close()
         self.vm.close()
         if self.mem is not None:
             self.mem.close()
