@@ -366,6 +366,14 @@ async def render_metrics(sup: Supervisor) -> str:
         e.add("kvmdm_guest_restarts_total", "counter", "DM restarts done by the supervisor.", g.restarts,
               guest=g.name)
     for g in guests:
+        for b in g.backends:
+            e.add("kvmdm_backend_up", "gauge", "1 if the daemon-managed vhost-user back-end is running.",
+                  int(b.state == "running"), guest=g.name, device=str(b.spec.device), type=b.spec.kind)
+    for g in guests:
+        for b in g.backends:
+            e.add("kvmdm_backend_restarts", "gauge", "Restarts of the vhost-user back-end in the current DM run.",
+                  b.restarts, guest=g.name, device=str(b.spec.device), type=b.spec.kind)
+    for g in guests:
         up = g.uptime()
         if up is not None:
             e.add("kvmdm_guest_uptime_seconds", "gauge", "Seconds since the current DM was spawned.", up,

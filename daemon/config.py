@@ -15,8 +15,12 @@ Schema (every key optional unless marked; unknown keys are errors that name the 
     cmdline      str, at most 4096 UTF-8 bytes, no NUL (default "")
     disks        list (at most 16) of {path (required, absolute), read_only bool (false),
                  serial str <= 20 printable ASCII bytes (""), backend "inline" | "vhost-user" ("inline")}
+                 vhost-user: a path to a regular file (or block device) gets a daemon-managed back-end process
+                 (kvmdm-backend blk, supervised and restarted by the daemon); a path to a unix socket is an
+                 external back-end listening there (e.g. qemu-storage-daemon), only connected to
     nics         list (at most 8) of {mac "52:54:00:xx:xx:xx" unicast (generated if absent),
                  tap str <= 15 chars | null (auto), bridge str <= 15 chars | null, backend "inline" | "vhost-user"}
+                 vhost-user: a daemon-managed kvmdm-backend net process on the tap the daemon creates
     restart      "never" | "on-failure" | "always"  (default "on-failure")
     max_restarts int 0..1000                    (default 5) restarts allowed within restart_window_s
     restart_window_s int 1..86400               (default 60)
@@ -207,6 +211,11 @@ class _Checker:
         if kind == "socket" and not stat.S_ISSOCK(st.st_mode):
             self.err(path, "must be a unix socket (vhost-user backend)")
             return None
+        if kind == "file-or-socket" and not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                                             or stat.S_ISSOCK(st.st_mode)):
+            self.err(path, "must be an image (regular file or block device, served by a daemon-managed "
+                           "back-end) or the unix socket of an external vhost-user back-end")
+            return None
         return s
 
 
@@ -282,7 +291,8 @@ def parse_definition(raw: Any, *, check_paths: bool = True) -> GuestDefinition:
             backend = c.choice(f"{p}.backend", d.get("backend", "inline"), BACKENDS)
             dpath = None
             if "path" in d:
-                dpath = c.file_path(f"{p}.path", d["path"], kind="socket" if backend == "vhost-user" else "file")
+                # vhost-user: a socket (external back-end) or an image (daemon-managed back-end, daemon.backends)
+                dpath = c.file_path(f"{p}.path", d["path"], kind="file-or-socket" if backend == "vhost-user" else "file")
             ro = c.boolean(f"{p}.read_only", d.get("read_only", False))
             serial = c.string(f"{p}.serial", d.get("serial", ""), max_bytes=20, pattern=SERIAL_RE,
                               what="at most 20 printable ASCII characters")

@@ -8,6 +8,9 @@ a restarted daemon re-attaches):
   line or undecodable JSON is a protocol error and the connection is closed;
 * request  ``{"id": int, "cmd": str, "args": object}``
 * response ``{"id": int, "ok": bool, "result": object|null, "error": str|null}``
+* ``attach_backend`` (``{"device": int}``) is the one request that carries a file descriptor: a connected
+  vhost-user socket, sent by SCM_RIGHTS with the request's first byte. The DM accepts exactly one fd, and only a
+  unix stream socket (:func:`check_passed_socket`); any other fd arriving on the connection is closed.
 * event    ``{"event": "state", "state": "starting|running|paused|stopped|crashed", "reason": str,
   "guest_status": int|null}`` (unsolicited, DM -> daemon).
 
@@ -20,8 +23,10 @@ The server half (:class:`ControlServer`) is selectors-based and imports no async
 
 from __future__ import annotations
 
+import array
 import base64
 import binascii
+import contextlib
 import itertools
 import json
 import logging
@@ -29,6 +34,7 @@ import math
 import os
 import selectors
 import socket
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,7 +48,13 @@ MAX_ID = 2**53 - 1  # JSON numbers beyond this are not exact in every implementa
 MAX_ERROR_LEN = 4096
 MAX_REASON_LEN = 1024
 MAX_CONSOLE_INPUT = 4096  # decoded bytes per console_input request
-COMMANDS = frozenset({"ping", "stats", "pause", "resume", "stop", "reset", "console_input"})
+COMMANDS = frozenset({"ping", "stats", "pause", "resume", "stop", "reset", "console_input", "attach_backend"})
+# Commands whose request carries exactly one fd (SCM_RIGHTS), and how many fds one recvmsg may bring in before
+# the extra ones are refused (closed): enough to notice "more than one", bounded so a peer cannot fill our table.
+FD_COMMANDS = frozenset({"attach_backend"})
+MAX_FDS_PER_MSG = 4
+MAX_PENDING_FD_BATCHES = 4
+MAX_VHOST_DEVICES = 64
 DM_STATES = frozenset({"starting", "running", "paused", "stopped", "crashed"})
 
 # DM exit codes (the contract the supervisor's restart policy is keyed on).
@@ -214,9 +226,47 @@ def validate_request(msg: dict[str, Any]) -> Request:
             base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError):
             raise RemoteProtocolError("console_input: data is not valid base64") from None
+    elif cmd == "attach_backend":
+        _check_keys(args, {"device"}, "attach_backend args")
+        dev = args["device"]
+        if not _is_int(dev) or not 0 <= dev < MAX_VHOST_DEVICES:
+            raise RemoteProtocolError(f"attach_backend: device must be an integer in 0..{MAX_VHOST_DEVICES - 1}")
     elif args:
         raise RemoteProtocolError(f"request: {cmd} takes no arguments")
     return Request(rid, cmd, args)
+
+
+class PassedFdError(RemoteProtocolError):
+    """The fds that came with a request are not exactly one connected unix stream socket."""
+
+
+def check_passed_socket(fds: list[int]) -> int:
+    """Validate the fds received with an fd-carrying request: exactly one, and a unix SOCK_STREAM socket
+    (fstat S_ISSOCK, then SO_DOMAIN/SO_TYPE). Returns it; on error every fd in ``fds`` is closed."""
+    try:
+        if len(fds) != 1:
+            raise PassedFdError(f"expected exactly one fd with the request, got {len(fds)}")
+        fd = fds[0]
+        try:
+            st = os.fstat(fd)
+        except OSError as e:
+            raise PassedFdError(f"passed fd: {e.strerror}") from None
+        if not stat.S_ISSOCK(st.st_mode):
+            raise PassedFdError(f"passed fd is not a socket (mode 0o{st.st_mode:o})")
+        s = socket.socket(fileno=fd)
+        try:
+            domain = s.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+            stype = s.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        finally:
+            s.detach()
+        if domain != socket.AF_UNIX or stype != socket.SOCK_STREAM:
+            raise PassedFdError(f"passed socket is not a unix stream socket (domain {domain}, type {stype})")
+        return fd
+    except BaseException:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        raise
 
 
 def validate_response(msg: dict[str, Any]) -> Response:
@@ -396,16 +446,24 @@ class ControlClient:
             self._on_close(reason)
 
     async def request(self, cmd: str, args: dict[str, Any] | None = None,
-                      timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
-        """Send one command; return its result; raise ControlError/ControlTimeout/ControlClosed."""
+                      timeout: float = DEFAULT_TIMEOUT, fd: int | None = None) -> dict[str, Any]:
+        """Send one command; return its result; raise ControlError/ControlTimeout/ControlClosed.
+
+        ``fd`` (only for :data:`FD_COMMANDS`, and required by them) travels by SCM_RIGHTS with the request; the
+        caller keeps its copy."""
         if self.closed:
             raise ControlClosed(self.close_reason or "closed")
+        if (fd is not None) != (cmd in FD_COMMANDS):
+            raise LocalProtocolError(f"{cmd}: an fd goes with exactly the commands {sorted(FD_COMMANDS)}")
         rid = next(self._ids)
         data = encode_request(rid, cmd, args)
         fut: Any = self._asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         try:
-            self._writer.write(data)
+            if fd is not None:
+                await self._asyncio.wait_for(self._send_with_fd(data, fd), timeout)
+            else:
+                self._writer.write(data)
             await self._asyncio.wait_for(self._writer.drain(), timeout)
             resp: Response = await self._asyncio.wait_for(fut, timeout)
         except TimeoutError:
@@ -417,6 +475,29 @@ class ControlClient:
         if not resp.ok:
             raise ControlError(resp.error or "error")
         return resp.result or {}
+
+    async def _send_with_fd(self, data: bytes, fd: int) -> None:
+        """sendmsg on (a dup of) the transport's socket, once the transport's own buffer is empty so the bytes
+        stay in order; the fd rides on the first byte, the rest (if the socket took only part) via the writer."""
+        transport = self._writer.transport
+        while transport.get_write_buffer_size():
+            await self._asyncio.sleep(0.005)
+        tsock = self._writer.get_extra_info("socket")
+        if tsock is None:
+            raise ControlClosed("no socket")
+        sock = socket.socket(fileno=os.dup(tsock.fileno()))  # shares the O_NONBLOCK file description
+        try:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+            while True:
+                try:
+                    sent = sock.sendmsg([data], anc)
+                    break
+                except BlockingIOError:
+                    await self._asyncio.sleep(0.005)
+        finally:
+            sock.close()
+        if sent < len(data):
+            self._writer.write(data[sent:])
 
     async def close(self) -> None:
         if not self._task.done():
@@ -431,6 +512,8 @@ class ControlClient:
 # ---------------------------------------------------------------------------------------- blocking server (DM)
 
 Handler = Callable[[str, dict[str, Any]], dict[str, Any]]
+# fd_handler(cmd, args, fd): for FD_COMMANDS, with the validated socket fd; it owns (must close or keep) the fd.
+FdHandler = Callable[[str, dict[str, Any], int], dict[str, Any]]
 
 
 class ControlServer:
@@ -444,10 +527,13 @@ class ControlServer:
 
     SEND_TIMEOUT = DEFAULT_TIMEOUT
 
-    def __init__(self, listen_fd: int, handler: Handler) -> None:
+    def __init__(self, listen_fd: int, handler: Handler, fd_handler: FdHandler | None = None) -> None:
         self._listener = socket.socket(fileno=listen_fd)
         self._listener.setblocking(False)
         self._handler = handler
+        self._fd_handler = fd_handler
+        # fds received by SCM_RIGHTS, one list per recvmsg, waiting for the FD_COMMANDS request they came with.
+        self._fd_batches: list[list[int]] = []
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._listener, selectors.EVENT_READ, "listen")
         self._wake_r, self._wake_w = socket.socketpair()
@@ -489,6 +575,14 @@ class ControlServer:
             self._conn.close()
             self._conn = None
         self._decoder = LineDecoder()
+        self._close_fd_batches()
+
+    def _close_fd_batches(self) -> None:
+        for batch in self._fd_batches:
+            for fd in batch:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._fd_batches = []
 
     def stop(self) -> None:
         self._running = False
@@ -542,11 +636,21 @@ class ControlServer:
         if conn is None:
             return
         try:
-            data = conn.recv(65536)
+            data, anc, flags, _ = conn.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS_PER_MSG * 4))
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
+            data, anc, flags = b"", [], 0
+        fds = _fds_from(anc)
+        if fds or flags & socket.MSG_CTRUNC:
+            if flags & socket.MSG_CTRUNC:
+                fds.append(-1)  # more fds than we accept were sent: the batch can never validate
+            self._fd_batches.append(fds)
+            if len(self._fd_batches) > MAX_PENDING_FD_BATCHES:
+                for fd in self._fd_batches.pop(0):
+                    if fd >= 0:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
         if not data:
             with self._send_lock:
                 self._drop_locked()
@@ -583,7 +687,15 @@ class ControlServer:
                 self._protocol_error(e)
             return
         try:
-            result = self._handler(req.cmd, req.args)
+            if req.cmd in FD_COMMANDS:
+                batch = self._fd_batches.pop(0) if self._fd_batches else []
+                fd = check_passed_socket(batch)
+                if self._fd_handler is None:
+                    os.close(fd)
+                    raise ValueError(f"{req.cmd} is not supported by this DM")
+                result = self._fd_handler(req.cmd, req.args, fd)
+            else:
+                result = self._handler(req.cmd, req.args)
             if not isinstance(result, dict):
                 raise LocalProtocolError(f"handler returned {type(result).__name__}, not a dict")
             data = encode_response(req.id, True, result)
@@ -594,3 +706,15 @@ class ControlServer:
     def _reply(self, data: bytes) -> None:
         with self._send_lock:
             self._send_locked(data)
+
+
+def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """Every fd of the SCM_RIGHTS messages in ``ancdata`` (a truncated trailing int is ignored: the kernel
+    never installs a partial fd)."""
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            a = array.array("i")
+            a.frombytes(data[: len(data) - len(data) % a.itemsize])
+            fds.extend(a)
+    return fds

@@ -47,6 +47,7 @@ log = logging.getLogger("kvmdm.dm")
 
 EXIT_STOPPED, EXIT_ERROR, EXIT_RESET, EXIT_CRASH = 0, 1, 3, 4
 VIRTIO_BLK_CONFIG_SIZE = 60  # struct virtio_blk_config up to write_zeroes_may_unmap (virtio 1.2 §5.2.4)
+VIRTIO_NET_CONFIG_SIZE = 12  # mac, status, max_virtqueue_pairs, mtu (virtio 1.2 §5.1.4)
 # Wall clock when every import was done: the start of the startup timeline logged once the vCPUs run
 # (bench/daemon.py reads it to split create->first-serial-byte into DM startup and guest boot).
 T_IMPORTED = time.time()
@@ -140,6 +141,8 @@ class DeviceModel:
         self.exit_code = EXIT_ERROR
         self._pending_input = bytearray()
         self._input_lock = threading.Lock()
+        # vhost-user devices in attach order (disks, then nics): the "device" of attach_backend.
+        self.vhost_devices: list[Any] = []
 
     # ---------------------------------------------------------------- control handler (untrusted input)
     def handle(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -183,6 +186,23 @@ class DeviceModel:
             return {"accepted": len(data)}
         raise ValueError(f"unknown command {cmd!r}")
 
+    def handle_fd(self, cmd: str, args: dict[str, Any], fd: int) -> dict[str, Any]:
+        """``attach_backend {"device": i}`` with a connected socket (control.py checked: one fd, a unix stream
+        socket, i in 0..63): the daemon restarted that device's back-end; switch the device over to it."""
+        sock = socket.socket(fileno=fd)
+        try:
+            i = args["device"]
+            if cmd != "attach_backend" or not 0 <= i < len(self.vhost_devices):
+                raise ValueError(f"attach_backend: no vhost-user device {i} (this guest has "
+                                 f"{len(self.vhost_devices)})")
+            if self.vmm is None:
+                raise RuntimeError("the guest is not running yet")
+            resumed = self.vhost_devices[i].reattach(sock)
+        except BaseException:
+            sock.close()
+            raise
+        return {"device": i, "resumed": resumed}
+
     def stats(self) -> dict[str, Any]:
         vmm = self.vmm
         devices: dict[str, dict[str, int]] = {"console": {"bytes": self.console.written,
@@ -223,7 +243,7 @@ class DeviceModel:
         initrd = _read_fd(a.initrd_fd, 1 << 30) if a.initrd_fd is not None else None
         mem_size = d.memory_mib << 20
         mem = GuestMemory.create(layout.ram_layout(mem_size))
-        self.control = ControlServer(a.control_fd, self.handle)
+        self.control = ControlServer(a.control_fd, self.handle, self.handle_fd)
         _preload_for(d)
         if not a.no_jail:
             self._enter_jail(mem)
@@ -285,8 +305,10 @@ class DeviceModel:
                 from pv.device import VIRTIO_ID_BLOCK
                 from pv.vhost_user.frontend import VhostUserDevice
 
-                vmm.attach_virtio(VhostUserDevice(socket.socket(fileno=fd), VIRTIO_ID_BLOCK, num_queues=1,
-                                                  config_size=VIRTIO_BLK_CONFIG_SIZE))
+                dev = VhostUserDevice(socket.socket(fileno=fd), VIRTIO_ID_BLOCK, num_queues=1,
+                                      config_size=VIRTIO_BLK_CONFIG_SIZE)
+                self.vhost_devices.append(dev)
+                vmm.attach_virtio(dev)
             else:
                 vmm.attach_virtio(Block(fd, read_only=disk.read_only, serial=disk.serial))
 
@@ -311,8 +333,16 @@ class DeviceModel:
         if len(self.args.tap_fd) != len(self.d.nics):
             raise ConfigError([f"{len(self.d.nics)} nics but {len(self.args.tap_fd)} --tap-fd"])
         for nic, fd in zip(self.d.nics, self.args.tap_fd, strict=True):
-            if nic.backend != "inline":
-                raise ConfigError([f"nic {nic.mac}: backend {nic.backend!r} is not available yet"])
+            if nic.backend == "vhost-user":
+                # fd is a unix socket connected to the daemon-managed net back-end (which holds the tap).
+                from pv.device import VIRTIO_ID_NET
+                from pv.vhost_user.frontend import VhostUserDevice
+
+                dev = VhostUserDevice(socket.socket(fileno=fd), VIRTIO_ID_NET, num_queues=2,
+                                      config_size=VIRTIO_NET_CONFIG_SIZE)
+                self.vhost_devices.append(dev)
+                vmm.attach_virtio(dev)
+                continue
             vmm.attach_virtio(Net(fd, bytes.fromhex(nic.mac.replace(":", ""))))
 
     def _enter_jail(self, mem: GuestMemory) -> None:

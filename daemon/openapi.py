@@ -52,7 +52,10 @@ _DEF_PROPS: dict[str, Any] = {
             "path": {"type": "string"},
             "read_only": {"type": "boolean", "default": False},
             "serial": {"type": "string", "maxLength": 20, "default": ""},
-            "backend": {"type": "string", "enum": list(BACKENDS), "default": "inline"},
+            "backend": {"type": "string", "enum": list(BACKENDS), "default": "inline",
+                        "description": 'vhost-user: "path" is an image (regular file or block device) served by '
+                                       "a daemon-managed kvmdm-backend process, or the unix socket of an "
+                                       "external back-end (e.g. qemu-storage-daemon)"},
         }}},
     "nics": {"type": "array", "maxItems": MAX_NICS, "items": {
         "type": "object", "additionalProperties": False,
@@ -60,7 +63,8 @@ _DEF_PROPS: dict[str, Any] = {
             "mac": {"type": "string", "pattern": "^[0-9a-f]{2}(:[0-9a-f]{2}){5}$"},
             "tap": {"type": "string", "nullable": True, "maxLength": 15},
             "bridge": {"type": "string", "nullable": True, "maxLength": 15},
-            "backend": {"type": "string", "enum": list(BACKENDS), "default": "inline"},
+            "backend": {"type": "string", "enum": list(BACKENDS), "default": "inline",
+                        "description": "vhost-user: a daemon-managed kvmdm-backend net process on the tap"},
         }}},
     "restart": {"type": "string", "enum": list(RESTART_POLICIES), "default": "on-failure"},
     "max_restarts": {"type": "integer", "minimum": MAX_RESTARTS_RANGE[0], "maximum": MAX_RESTARTS_RANGE[1],
@@ -86,6 +90,16 @@ _INFO_PROPS: dict[str, Any] = {
     "uid": {"type": "integer", "nullable": True},
     # The DM's latest state-event reason, e.g. "Block (PCI slot 1) needs reset: vhost-user back-end disconnected".
     "last_event": {"type": "string", "nullable": True},
+    # Daemon-managed vhost-user back-ends (disks whose path is an image, vhost-user nics); external ones absent.
+    "backends": {"type": "array", "items": {
+        "type": "object", "required": ["device", "kind", "pid", "state", "restarts", "last_exit_reason"],
+        "properties": {
+            "device": {"type": "integer", "minimum": 0, "description": "vhost-user device index (disks, then nics)"},
+            "kind": {"type": "string", "enum": ["blk", "net"]},
+            "pid": {"type": "integer", "nullable": True},
+            "state": {"type": "string", "enum": ["starting", "running", "restarting", "stopped", "failed"]},
+            "restarts": {"type": "integer", "minimum": 0},
+            "last_exit_reason": {"type": "string", "nullable": True}}}},
 }
 
 _COUNTERS = {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}}

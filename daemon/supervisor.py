@@ -13,6 +13,15 @@ pidfd_open(2)), so an exit is noticed immediately, not by polling. If the DM is 
 exit status. After a daemon restart the DMs are *not* our children (they were re-parented when the old daemon
 exited), so their exit status is unavailable (waitpid gives ECHILD); the exit reason is then taken from the last
 state event the DM sent on its control connection, or reported as unknown.
+
+vhost-user back-ends (daemon.backends): started before the DM (each connected socket is passed as the disk's or
+nic's fd), watched with their own pidfds, stopped with the DM. A back-end that dies while its guest runs is
+restarted under the guest's restart policy and limits (``max_restarts`` per ``restart_window_s``, per
+back-end) and its new connection handed to the running DM by ``attach_backend`` (an fd over the control
+socket): the guest is not rebooted. A back-end that cannot be restarted is marked ``failed``; the DM's
+front-end then puts the device in NEEDS_RESET (see pv.vhost_user.frontend) and the DM keeps running.
+Jail uids: the DM of a guest gets one from the lower half of the configured range, its back-ends share the
+uid at the same position in the upper half.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon import backends as bk
 from daemon.config import DEMO_KERNEL, ConfigError, GuestDefinition, parse_definition
 from daemon.control import (
     EXIT_CRASHED,
@@ -131,6 +141,7 @@ class Guest:
     generation: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=100))
+    backends: list[bk.Backend] = field(default_factory=list)  # daemon-managed vhost-user back-ends
 
     @property
     def name(self) -> str:
@@ -157,6 +168,7 @@ class Guest:
             "restarts": self.restarts,
             "uid": self.uid,
             "last_event": self.last_event.reason if self.last_event is not None else None,
+            "backends": [b.info() for b in self.backends],
         }
 
 
@@ -173,6 +185,10 @@ class SupervisorConfig:
     request_timeout: float = 5.0
     backoff_initial: float = 0.2
     backoff_max: float = 10.0
+    backend_command: list[str] = field(default_factory=lambda: list(bk.BACKEND_COMMAND))
+    backend_ready_timeout: float = bk.READY_TIMEOUT
+    # Back-end restarts back off too, but stay well under the front-end's re-attach grace (5 s).
+    backend_backoff_max: float = 1.0
 
 
 class Supervisor:
@@ -224,8 +240,10 @@ class Supervisor:
 
     async def _reattach(self, g: Guest) -> None:
         name = g.name
+        self._adopt_backends(g)  # first, so that every path below that ends the guest also stops them
         pid = self._read_pid(name)
         if pid is None:
+            self._stop_backends(g)
             self._cleanup_runtime(name, keep_dir=False)
             return
         try:
@@ -260,6 +278,34 @@ class Supervisor:
             self._signal(g, signal.SIGKILL)
             return
         g.note(f"re-attached to running DM pid {pid} (not our child: exit status will come from its events)")
+        for b in g.backends:
+            if b.pidfd is None:  # died while the daemon was down: restart it and hand it to the DM
+                self._backend_failed(g, b, "back-end exited while the daemon was not running")
+
+    def _adopt_backends(self, g: Guest) -> None:
+        """After a daemon restart: find the guest's managed back-ends by their pid files (cmdline checked)."""
+        rdir, sdir = self.paths.guest_runtime_dir(g.name), self.paths.guest_state_dir(g.name)
+        g.backends = []
+        loop = asyncio.get_running_loop()
+        for spec in bk.specs_for(g.definition):
+            if not spec.managed:
+                continue
+            b = bk.Backend(spec, rdir, sdir)
+            rec = bk.read_pid_file(b)
+            if rec is None:
+                continue  # never started (guest was not running)
+            pid, b.restarts, b.tap = rec
+            g.backends.append(b)
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            if not bk.is_our_backend(pid, b):
+                os.close(pidfd)
+                continue
+            b.pid, b.pidfd, b.state = pid, pidfd, "running"
+            b.generation += 1
+            loop.add_reader(pidfd, self._on_backend_pidfd, g, b, b.generation)
 
     async def _reap_orphan_dir(self, entry: Path) -> None:
         """A runtime dir without a definition: kill its DM if it is provably ours, then remove the dir."""
@@ -274,6 +320,21 @@ class Supervisor:
                     log.warning("killing orphan DM pid %d of undefined guest %s", pid, entry.name)
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
                 os.close(pidfd)
+        for pid_file in entry.glob("bk*.pid"):  # its back-ends too (cmdline must name their socket)
+            try:
+                bpid = int(pid_file.read_text().split()[0])
+                bpidfd = os.pidfd_open(bpid)
+            except (OSError, ValueError, IndexError):
+                continue
+            try:
+                argv = Path(f"/proc/{bpid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                argv = []
+            if str(pid_file.with_suffix(".sock")).encode() in argv:
+                log.warning("killing orphan back-end pid %d of undefined guest %s", bpid, entry.name)
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(bpidfd, signal.SIGKILL)
+            os.close(bpidfd)
         shutil.rmtree(entry, ignore_errors=True)
 
     def _read_meta(self, name: str) -> dict[str, Any]:
@@ -382,6 +443,8 @@ class Supervisor:
         g.started_at = time.time()
         g.last_event = None
         asyncio.get_running_loop().add_reader(g.pidfd, self._on_pidfd, g, g.generation)
+        for b in g.backends:
+            self._watch_backend(g, b)
         atomic_write(self.paths.dm_pid_file(name), f"{popen.pid}\n".encode(), 0o644)
         self._write_meta(g)
         g.note(f"DM spawned, pid {popen.pid}")
@@ -419,12 +482,19 @@ class Supervisor:
         return g.definition.jail.enabled and not self.cfg.no_jail
 
     def _alloc_uid(self) -> int:
-        for i in range(self.cfg.uid_count):
+        # Lower half for DMs; the upper half mirrors it for the guests' back-ends (_backend_uid).
+        for i in range(max(1, self.cfg.uid_count // 2)):
             uid = self.cfg.uid_base + i
             if uid not in self._uids:
                 self._uids.add(uid)
                 return uid
         raise StartFailed("no free jail uid left in the configured range")
+
+    def _backend_uid(self, g: Guest) -> int | None:
+        """The guest's back-ends' jail uid: distinct from every DM's, inside the configured range."""
+        if not self._jailed(g) or g.uid is None:
+            return None
+        return g.uid + self.cfg.uid_count // 2 if self.cfg.uid_count >= 2 else g.uid
 
     def _release_uid(self, g: Guest) -> None:
         if g.uid is not None:
@@ -445,10 +515,19 @@ class Supervisor:
         sdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         to_close: list[int] = []
         listener: socket.socket | None = None
+        specs = iter(bk.specs_for(d))
+        g.backends = []
+        ok = False
 
         def keep(fd: int) -> int:
             to_close.append(fd)
             return fd
+
+        def managed(spec: bk.BackendSpec, tap: str | None = None) -> int:
+            b = bk.Backend(spec, rdir, sdir, tap=tap, state="starting")
+            g.backends.append(b)
+            sock = bk.spawn(b, self.cfg.backend_command, self._backend_uid(g), self.cfg.backend_ready_timeout)
+            return keep(sock.detach())
 
         try:
             sock_path = self.paths.control_socket(name)
@@ -483,8 +562,11 @@ class Supervisor:
             if d.initrd is not None:
                 argv += ["--initrd-fd", str(keep(os.open(d.initrd, os.O_RDONLY | os.O_CLOEXEC)))]
             for disk in d.disks:
-                if disk.backend == "vhost-user":
-                    # The jailed DM cannot connect() by path; it gets an already connected socket.
+                spec = next(specs) if disk.backend == "vhost-user" else None
+                if spec is not None and spec.managed:
+                    fd = managed(spec)  # our kvmdm-backend serves the image
+                elif spec is not None:
+                    # External back-end: the jailed DM cannot connect() by path; it gets an already connected socket.
                     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                     try:
                         s.connect(disk.path)
@@ -499,6 +581,14 @@ class Supervisor:
                 from daemon import net as dnet  # lazy: pyroute2 only for guests with NICs
 
                 for i, nic in enumerate(d.nics):
+                    if nic.backend == "vhost-user":
+                        # Persistent, so that the back-end can open it by name (now and after a restart); removed
+                        # when the back-end is stopped (_stop_backends).
+                        ifname, tfd = dnet.create_tap(nic.tap, bridge=nic.bridge, owner_uid=None, guest=name,
+                                                      index=i, persist=True)
+                        os.close(tfd)  # a tap without IFF_MULTI_QUEUE takes one fd: the back-end's
+                        argv += ["--tap-fd", str(managed(next(specs), ifname))]
+                        continue
                     # Not persistent: the tap goes away with the DM's fd; we close our copy below.
                     _ifname, fd = dnet.create_tap(nic.tap, bridge=nic.bridge, owner_uid=g.uid, guest=name, index=i)
                     argv += ["--tap-fd", str(keep(fd))]
@@ -509,9 +599,15 @@ class Supervisor:
             else:
                 argv += ["--no-jail"]
             pass_fds = [ctl, *(fd for fd in to_close if fd != dmlog)]
-            return subprocess.Popen(argv, pass_fds=pass_fds, start_new_session=True, close_fds=True,
-                                    stdin=subprocess.DEVNULL, stdout=dmlog, stderr=dmlog, cwd="/")
+            popen = subprocess.Popen(argv, pass_fds=pass_fds, start_new_session=True, close_fds=True,
+                                     stdin=subprocess.DEVNULL, stdout=dmlog, stderr=dmlog, cwd="/")
+            ok = True
+            return popen
         finally:
+            if not ok:
+                for b in g.backends:
+                    self._end_backend(b)
+                g.backends = []
             if listener is not None:
                 listener.close()
             for fd in to_close:
@@ -589,6 +685,7 @@ class Supervisor:
         if g.control is not None:
             asyncio.ensure_future(g.control.close())
             g.control = None
+        self._stop_backends(g)
         self._cleanup_runtime(g.name, keep_dir=True)
         g.exited.set()
         policy = g.definition.restart
@@ -651,6 +748,129 @@ class Supervisor:
         for p in (self.paths.dm_pid_file(name), self.paths.control_socket(name), self.paths.meta_file(name)):
             p.unlink(missing_ok=True)
 
+    # --------------------------------------------------------------------------------------- vhost-user back-ends
+
+    def _watch_backend(self, g: Guest, b: bk.Backend) -> None:
+        assert b.pid is not None
+        b.pidfd = os.pidfd_open(b.pid)
+        b.generation += 1
+        b.state = "running"
+        asyncio.get_running_loop().add_reader(b.pidfd, self._on_backend_pidfd, g, b, b.generation)
+
+    def _on_backend_pidfd(self, g: Guest, b: bk.Backend, gen: int) -> None:
+        if b.pidfd is None or gen != b.generation:
+            return
+        asyncio.get_running_loop().remove_reader(b.pidfd)
+        os.close(b.pidfd)
+        b.pidfd = None
+        if b.popen is not None:
+            rc = b.popen.wait()  # readable pidfd: a zombie, this does not block
+            if rc < 0:
+                try:
+                    reason = f"back-end killed by signal {signal.Signals(-rc).name}"
+                except ValueError:
+                    reason = f"back-end killed by signal {-rc}"
+            else:
+                reason = f"back-end exited with status {rc}"
+        else:
+            reason = "back-end exited (status unknown: not our child since a daemon restart)"
+        b.popen = None
+        if b.stop_requested or b not in g.backends:
+            return
+        g.note(f"{b.spec.kind} back-end {b.spec.device} pid {b.pid}: {reason}")
+        self._backend_failed(g, b, reason)
+
+    def _backend_failed(self, g: Guest, b: bk.Backend, reason: str) -> None:
+        """A back-end died (or could not be restarted) while its guest runs: restart it per the guest's policy
+        and limits, or give up (the DM's device then goes to NEEDS_RESET after its grace period)."""
+        b.pid = None
+        b.last_exit_reason = reason
+        if self._closing or b.stop_requested or g.stop_requested or g.state not in LIVE_STATES:
+            b.state = "stopped"
+            return
+        d = g.definition
+        if d.restart == "never":
+            b.state = "failed"
+            g.note(f"back-end {b.spec.device} not restarted (restart policy 'never')")
+            return
+        now = time.monotonic()
+        while b.restart_times and now - b.restart_times[0] > d.restart_window_s:
+            b.restart_times.popleft()
+        if len(b.restart_times) >= d.max_restarts:
+            b.state = "failed"
+            b.last_exit_reason = f"{reason}; restart limit reached ({d.max_restarts} in {d.restart_window_s} s)"
+            g.note(f"back-end {b.spec.device}: restart limit reached; giving up")
+            return
+        delay = 0.0 if not b.restart_times else min(
+            self.cfg.backend_backoff_max, self.cfg.backoff_initial * 2 ** (len(b.restart_times) - 1))
+        b.restart_times.append(now)
+        b.restarts += 1
+        b.state = "restarting"
+        g.note(f"restarting back-end {b.spec.device} in {delay:.2f} s (restart #{b.restarts})")
+        b.task = asyncio.ensure_future(self._restart_backend(g, b, delay))
+
+    async def _restart_backend(self, g: Guest, b: bk.Backend, delay: float) -> None:
+        await asyncio.sleep(delay)
+        b.task = None
+        if b.state != "restarting" or b.stop_requested or b not in g.backends:
+            return
+        try:
+            sock = await asyncio.to_thread(bk.spawn, b, self.cfg.backend_command, self._backend_uid(g),
+                                           self.cfg.backend_ready_timeout)
+        except (bk.BackendStartError, OSError) as e:
+            g.note(f"back-end {b.spec.device}: restart failed: {e}")
+            self._backend_failed(g, b, f"restart failed: {e}")
+            return
+        with sock:
+            if b.stop_requested or b not in g.backends:  # the guest stopped meanwhile
+                self._end_backend(b)
+                return
+            self._watch_backend(g, b)
+            gen = b.generation
+            bk.write_pid_file(b)
+            try:
+                res = await self._request(g, "attach_backend", {"device": b.spec.device}, fd=sock.fileno())
+            except SupervisorError as e:
+                g.note(f"back-end {b.spec.device}: re-attach to the DM failed: {e}")
+                if b.generation != gen or b.pidfd is None or b.stop_requested:
+                    return  # it died meanwhile and its pidfd handler already applied the policy
+                self._end_backend(b)  # a back-end the DM cannot use is a failed one: policy and limits decide
+                b.stop_requested = False
+                self._backend_failed(g, b, f"re-attach to the DM failed: {e}")
+                return
+        g.note(f"back-end {b.spec.device} pid {b.pid} re-attached to the DM "
+               f"({'rings resumed' if res.get('resumed') else 'no rings resumed'})")
+
+    def _end_backend(self, b: bk.Backend) -> None:
+        """Kill ``b`` (pidfd or our child), reap it, remove its runtime files and, for net, its tap."""
+        b.stop_requested = True
+        if b.task is not None:
+            b.task.cancel()
+            b.task = None
+        if b.pidfd is not None:
+            with contextlib.suppress(RuntimeError):  # no running loop (spawn thread): nothing registered
+                asyncio.get_running_loop().remove_reader(b.pidfd)
+        bk.kill(b)
+        if b.pidfd is not None:
+            os.close(b.pidfd)
+            b.pidfd = None
+        b.popen, b.pid = None, None
+        bk.remove_files(b)
+        if b.tap is not None:
+            from daemon import net as dnet
+
+            try:
+                dnet.remove_tap(b.tap)
+            except Exception as e:  # noqa: BLE001 - NetError, NetlinkError, OSError: logged, cleanup goes on
+                log.warning("back-end %d: cannot remove tap %s: %s", b.spec.device, b.tap, e)
+        if b.state != "failed":
+            b.state = "stopped"
+
+    def _stop_backends(self, g: Guest) -> None:
+        """The DM is gone (or never came up): its back-ends go too (they serve no one else)."""
+        for b in g.backends:
+            self._end_backend(b)
+
     # --------------------------------------------------------------------------------------------- control
 
     def _on_event(self, g: Guest, client: ControlClient, ev: StateEvent) -> None:
@@ -680,7 +900,7 @@ class Supervisor:
         return client
 
     async def _request(self, g: Guest, cmd: str, args: dict[str, Any] | None = None,
-                       timeout: float | None = None) -> dict[str, Any]:
+                       timeout: float | None = None, fd: int | None = None) -> dict[str, Any]:
         if g.state not in ("running", "paused", "starting", "stopping") or g.pidfd is None:
             raise InvalidState(f"guest {g.name!r} is {g.state}, not running")
         t = self.cfg.request_timeout if timeout is None else timeout
@@ -689,7 +909,7 @@ class Supervisor:
         except (OSError, TimeoutError) as e:
             raise DMTimeout(f"cannot reach the DM of {g.name!r}: {e}") from None
         try:
-            return await client.request(cmd, args, timeout=t)
+            return await client.request(cmd, args, timeout=t, fd=fd)
         except ControlClosed as e:
             raise InvalidState(f"DM of {g.name!r} closed the control connection: {e}") from None
         except ControlTimeout as e:
@@ -825,6 +1045,16 @@ class Supervisor:
             if g.control is not None:
                 await g.control.close()
                 g.control = None
+            for b in g.backends:  # left running with the DM; the next daemon adopts them (pid files)
+                if b.task is not None:
+                    b.task.cancel()
+                if b.pidfd is not None:
+                    loop.remove_reader(b.pidfd)
+                    os.close(b.pidfd)
+                    b.pidfd = None
+                if b.pid is not None:
+                    with contextlib.suppress(OSError):
+                        bk.write_pid_file(b)
             if g.pid is not None and g.started_at is not None:
                 with contextlib.suppress(OSError):
                     self._write_meta(g)

@@ -204,6 +204,9 @@ class GuestMemory:
 
     def check_range(self, gpa: int, length: int) -> bool:
         """True if [gpa, gpa+length) is inside one region (what any access would require)."""
+        r = self._last  # hot path: virtqueue descriptors almost always fall in the region used last
+        if r is not None and r.gpa <= gpa and length >= 0 and gpa + length <= r.end:
+            return True
         try:
             self._find(gpa, length)
         except GuestMemoryError:

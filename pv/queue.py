@@ -107,24 +107,35 @@ class Descriptor(NamedTuple):
 
 
 class _Segments:
-    """A cursor over consecutive guest-memory buffers, consumed front to back. Ranges were checked by pop()."""
+    """A cursor over consecutive guest-memory buffers, consumed front to back. Ranges were checked by pop().
+
+    Hot path of every backend: the common cases (consume everything that is left; a small object inside the
+    current buffer) skip the general loop.
+    """
 
     __slots__ = ("_mem", "_segs", "_i", "_off", "remaining")
 
-    def __init__(self, mem: GuestMemory, segs: list[tuple[int, int]]) -> None:
+    def __init__(self, mem: GuestMemory, segs: list[tuple[int, int]], remaining: int | None = None) -> None:
         self._mem = mem
         self._segs = segs  # (addr, len), len > 0
         self._i = 0
         self._off = 0
-        self.remaining = sum(n for _a, n in segs)
+        # ``remaining`` is the sum of the lengths when the caller already knows it (saves a pass over segs).
+        self.remaining = sum(n for _a, n in segs) if remaining is None else remaining
 
     def take_views(self, n: int) -> list[memoryview]:
         """Consume the next ``n`` bytes as zero-copy views (for os.preadv/os.pwritev). Caller checks remaining."""
         if n < 0 or n > self.remaining:
             raise ValueError(f"take_views({n}) with {self.remaining} bytes remaining")
-        out: list[memoryview] = []
         segs = self._segs
         view = self._mem.view
+        if n == self.remaining and self._off == 0:
+            # Everything that is left, starting at a buffer boundary: one view per buffer.
+            out = [view(addr, length) for addr, length in segs[self._i :]]
+            self._i = len(segs)
+            self.remaining = 0
+            return out
+        out = []
         while n:
             addr, length = segs[self._i]
             chunk = min(length - self._off, n)
@@ -144,9 +155,17 @@ class _Segments:
         """Remove the last ``n`` bytes from this cursor and return them as (addr, len) segments."""
         if n < 0 or n > self.remaining:
             raise ValueError(f"split_tail({n}) with {self.remaining} bytes remaining")
+        segs = self._segs
+        if n and segs:
+            addr, length = segs[-1]
+            if length - (self._off if len(segs) - 1 == self._i else 0) > n:
+                # Inside the last buffer and leaving some of it (virtio-blk's status byte after data in the
+                # same buffer, or any tail shorter than the last buffer).
+                segs[-1] = (addr, length - n)
+                self.remaining -= n
+                return [(addr + length - n, n)]
         tail: list[tuple[int, int]] = []
         need = n
-        segs = self._segs
         while need:
             addr, length = segs[-1]
             avail = length - (self._off if len(segs) - 1 == self._i else 0)
@@ -160,6 +179,16 @@ class _Segments:
         self.remaining -= n
         tail.reverse()
         return tail
+
+    def _advance(self, length: int, n: int) -> None:
+        """Move the cursor ``n`` bytes forward inside the current buffer (of ``length`` bytes)."""
+        self.remaining -= n
+        off = self._off + n
+        if off == length:
+            self._i += 1
+            self._off = 0
+        else:
+            self._off = off
 
 
 class ChainReader(_Segments):
@@ -175,7 +204,15 @@ class ChainReader(_Segments):
         return b"".join(views)
 
     def read_obj(self, st: struct.Struct) -> tuple:
-        return st.unpack(self.read(st.size))
+        n = st.size
+        if 0 < n <= self.remaining:
+            addr, length = self._segs[self._i]
+            if length - self._off >= n:
+                # Inside the current buffer (the usual case): unpack straight from guest memory, no copy.
+                values = self._mem.unpack_from(st, addr + self._off)
+                self._advance(length, n)
+                return values
+        return st.unpack(self.read(n))
 
 
 class ChainWriter(_Segments):
@@ -184,40 +221,66 @@ class ChainWriter(_Segments):
     __slots__ = ()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        if 0 < n <= self.remaining:
+            addr, length = self._segs[self._i]
+            if length - self._off >= n:
+                # Fits in the current buffer (status bytes, small headers): one checked write.
+                self._mem.write(addr + self._off, data)
+                self._advance(length, n)
+                return
         mv = memoryview(data)
         pos = 0
         for v in self.take_views(len(mv)):
-            n = len(v)
-            v[:] = mv[pos : pos + n]
-            pos += n
+            k = len(v)
+            v[:] = mv[pos : pos + k]
+            pos += k
 
     def split_tail_writer(self, n: int) -> ChainWriter:
         """Split off the last ``n`` writable bytes (e.g. virtio-blk's status byte, §5.2.6) as their own writer."""
-        return ChainWriter(self._mem, self.split_tail(n))
+        return ChainWriter(self._mem, self.split_tail(n), n)
+
+
+# One raw descriptor as read from the ring: (addr, len, flags, next). Kept as the tuple struct returns, so parsing
+# creates no object per descriptor; Descriptor views of it are built only when someone asks.
+_RawDesc = tuple[int, int, int, int]
 
 
 class DescriptorChain:
     """A validated descriptor chain: zero or more readable descriptors, then zero or more writable ones."""
 
-    __slots__ = ("mem", "head_index", "descriptors", "readable_len", "writable_len", "_split")
+    __slots__ = ("mem", "head_index", "_raw", "readable_len", "writable_len", "_split")
 
-    def __init__(self, mem: GuestMemory, head_index: int, descriptors: list[Descriptor], split: int) -> None:
+    def __init__(
+        self,
+        mem: GuestMemory,
+        head_index: int,
+        raw: list[_RawDesc],
+        split: int,
+        readable_len: int | None = None,
+        writable_len: int | None = None,
+    ) -> None:
         self.mem = mem
         self.head_index = head_index
-        self.descriptors = descriptors
+        self._raw = raw
         self._split = split  # index of the first writable descriptor
-        self.readable_len = sum(d.len for d in descriptors[:split])
-        self.writable_len = sum(d.len for d in descriptors[split:])
+        self.readable_len = sum(d[1] for d in raw[:split]) if readable_len is None else readable_len
+        self.writable_len = sum(d[1] for d in raw[split:]) if writable_len is None else writable_len
+
+    @property
+    def descriptors(self) -> list[Descriptor]:
+        split = self._split
+        return [Descriptor(a, n, f, i >= split) for i, (a, n, f, _nx) in enumerate(self._raw)]
 
     def __iter__(self) -> Iterator[Descriptor]:
         return iter(self.descriptors)
 
     def __len__(self) -> int:
-        return len(self.descriptors)
+        return len(self._raw)
 
     def __repr__(self) -> str:
         return (
-            f"DescriptorChain(head={self.head_index}, descs={len(self.descriptors)}, "
+            f"DescriptorChain(head={self.head_index}, descs={len(self._raw)}, "
             f"readable={self.readable_len}, writable={self.writable_len})"
         )
 
@@ -229,17 +292,33 @@ class DescriptorChain:
 
     def readable_views(self) -> list[memoryview]:
         """Every device-readable buffer as a zero-copy view, in order (zero-length buffers omitted)."""
-        return [self.mem.view(d.addr, d.len) for d in self.descriptors[: self._split] if d.len]
+        view = self.mem.view
+        return [view(a, n) for a, n, _f, _nx in self._raw[: self._split] if n]
 
     def writable_views(self) -> list[memoryview]:
         """Every device-writable buffer as a zero-copy view, in order (zero-length buffers omitted)."""
-        return [self.mem.view(d.addr, d.len) for d in self.descriptors[self._split :] if d.len]
+        view = self.mem.view
+        return [view(a, n) for a, n, _f, _nx in self._raw[self._split :] if n]
+
+    def segments(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """(readable, writable) buffers as (gpa, len) pairs in order, zero-length ones omitted. Every range was
+        checked against guest RAM by pop(); access them through GuestMemory (e.g. ``mem.view``)."""
+        raw = self._raw
+        split = self._split
+        return (
+            [(a, n) for a, n, _f, _nx in raw[:split] if n],
+            [(a, n) for a, n, _f, _nx in raw[split:] if n],
+        )
 
     def reader(self) -> ChainReader:
-        return ChainReader(self.mem, [(d.addr, d.len) for d in self.descriptors[: self._split] if d.len])
+        return ChainReader(
+            self.mem, [(a, n) for a, n, _f, _nx in self._raw[: self._split] if n], self.readable_len
+        )
 
     def writer(self) -> ChainWriter:
-        return ChainWriter(self.mem, [(d.addr, d.len) for d in self.descriptors[self._split :] if d.len])
+        return ChainWriter(
+            self.mem, [(a, n) for a, n, _f, _nx in self._raw[self._split :] if n], self.writable_len
+        )
 
 
 class SplitQueue:
@@ -325,8 +404,10 @@ class SplitQueue:
 
     # ----------------------------------------------------------------- available ring
     def _read_avail_idx(self) -> int:
-        _d, avail, _u = self._views()
-        idx: int = _U16.unpack_from(avail, 2)[0]
+        avail = self._avail_view
+        if avail is None:
+            self._views()  # raises the "used before validate()" device bug
+        idx: int = _U16.unpack_from(avail, 2)[0]  # type: ignore[arg-type]
         # (A weakly ordered CPU needs an acquire fence here, before ring entries are read; x86 does not.)
         if (idx - self.next_avail) & 0xFFFF > self.size:
             raise AvailRingOverflow(
@@ -346,8 +427,10 @@ class SplitQueue:
             self._avail_idx = self._read_avail_idx()
             if self.next_avail == self._avail_idx:
                 return None
-        _d, avail, _u = self._views()
-        head: int = _U16.unpack_from(avail, 4 + 2 * (self.next_avail & (self.size - 1)))[0]
+        avail = self._avail_view
+        if avail is None:
+            self._views()  # raises the "used before validate()" device bug
+        head: int = _U16.unpack_from(avail, 4 + 2 * (self.next_avail & (self.size - 1)))[0]  # type: ignore[arg-type]
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         return self._parse_chain(head)
 
@@ -356,28 +439,45 @@ class SplitQueue:
         self.next_avail = (self.next_avail - 1) & 0xFFFF
 
     def _parse_chain(self, head: int) -> DescriptorChain:
+        """Walk and validate the chain at ``head``. Every rule below is checked for every descriptor:
+
+        - TTL: at most ``size`` descriptors (or the indirect table's entry count) are visited (§2.7.5.3.1), which
+          is also what makes a looping chain terminate (ChainTooLong);
+        - head and every ``next`` index inside the table being walked (DescriptorIndexOutOfRange);
+        - indirect: negotiated, not nested, not combined with NEXT, length a non-zero multiple of 16 and at most
+          ``size`` entries, table inside guest RAM (§2.7.5.3.1);
+        - no readable descriptor after a writable one (§2.7.4.2, ReadableAfterWritable);
+        - every non-empty buffer inside guest RAM, checked through GuestMemory (InvalidDescriptorRange);
+        - total length at most 2^32 (§2.7.5.2, ChainLengthOverflow).
+
+        Descriptors are kept as the raw tuples ``struct`` returns (no object per descriptor) and the readable and
+        writable byte counts are summed on the way, so the common 2-4 descriptor chain costs one loop pass.
+        """
         size = self.size
         if head >= size:
             raise DescriptorIndexOutOfRange(f"queue {self.index}: chain head {head} >= queue size {size}")
-        desc_view, _a, _u = self._views()
+        table: memoryview | bytes | None = self._desc_view
+        if table is None:
+            self._views()  # raises the "used before validate()" device bug
         mem = self.mem
         check = mem.check_range
         unpack = _DESC.unpack_from
-        table: memoryview | bytes = desc_view
         table_len = size
         ttl = size  # §2.7.5.3.1: no chain longer than the queue size; also what makes loops terminate
         idx = head
         in_indirect = False
         split = -1
-        total = 0
-        descs: list[Descriptor] = []
+        rlen = wlen = 0
+        descs: list[_RawDesc] = []
+        append = descs.append
         while True:
             if ttl == 0:
                 raise ChainTooLong(
                     f"queue {self.index}: chain at head {head} exceeds {table_len} descriptors"
                 )
             ttl -= 1
-            addr, length, flags, nxt = unpack(table, idx * DESC_SIZE)
+            desc = unpack(table, idx * DESC_SIZE)  # type: ignore[arg-type]
+            addr, length, flags, nxt = desc
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if in_indirect:
                     raise NestedIndirect(f"queue {self.index}: head {head}")
@@ -401,28 +501,39 @@ class SplitQueue:
             if flags & VIRTQ_DESC_F_WRITE:
                 if split < 0:
                     split = len(descs)
-                writable = True
+                wlen += length
             else:
                 if split >= 0:
                     raise ReadableAfterWritable(f"queue {self.index}: head {head}, descriptor {len(descs)}")
-                writable = False
+                rlen += length
             if length and not check(addr, length):
                 raise InvalidDescriptorRange(f"queue {self.index}: buffer 0x{addr:x}+0x{length:x}")
-            total += length
-            descs.append(Descriptor(addr, length, flags, writable))
+            append(desc)
             if not flags & VIRTQ_DESC_F_NEXT:
                 break
             if nxt >= table_len:
                 raise DescriptorIndexOutOfRange(f"queue {self.index}: next {nxt} >= table size {table_len}")
             idx = nxt
-        if total > MAX_CHAIN_BYTES:
-            raise ChainLengthOverflow(f"queue {self.index}: head {head}: {total} bytes")
-        return DescriptorChain(mem, head, descs, len(descs) if split < 0 else split)
+        if rlen + wlen > MAX_CHAIN_BYTES:
+            raise ChainLengthOverflow(f"queue {self.index}: head {head}: {rlen + wlen} bytes")
+        return DescriptorChain(mem, head, descs, len(descs) if split < 0 else split, rlen, wlen)
 
     # ----------------------------------------------------------------- used ring
     def add_used(self, head: int, written: int) -> None:
         """Return chain ``head`` to the driver with ``written`` bytes written into its writable buffers (§2.7.8)."""
-        self.add_used_many(((head, written),))
+        used = self._used_view
+        if used is None:
+            self._views()  # raises the "used before validate()" device bug
+        size = self.size
+        if not 0 <= head < size or not 0 <= written < MAX_CHAIN_BYTES:
+            raise ValueError(f"add_used({head}, {written}) on a queue of size {size}")  # device bug
+        slot = self.next_used
+        _USED_ELEM.pack_into(used, 4 + 8 * (slot & (size - 1)), head, written)  # type: ignore[arg-type]
+        # (A weakly ordered CPU needs a release fence here: the element must be visible before idx. x86: TSO.)
+        slot = (slot + 1) & 0xFFFF
+        self.next_used = slot
+        _U16.pack_into(used, 2, slot)  # type: ignore[arg-type]
+        self._num_added += 1
 
     def add_used_many(self, elems: Sequence[tuple[int, int]]) -> None:
         """Several used elements published with one used-idx store, so the driver sees them together (virtio-net
@@ -448,17 +559,19 @@ class SplitQueue:
         self._signalled_used = new
         if added == 0:
             return False
-        _d, avail, _u = self._views()
+        avail = self._avail_view
+        if avail is None:
+            self._views()  # raises the "used before validate()" device bug
         # Our used idx store must be visible before we read the driver's suppression state, or the driver may
         # have just decided to wait for an interrupt we then skip (§2.7.7 race): store-load barrier.
         full_fence()
         if self.event_idx:
             if added >= 0x10000:  # the u16 window wrapped: the event index was certainly crossed
                 return True
-            used_event: int = _U16.unpack_from(avail, self._used_event_off)[0]
+            used_event: int = _U16.unpack_from(avail, self._used_event_off)[0]  # type: ignore[arg-type]
             # vring_need_event(): notify iff used_event lies in the window (old, new] of entries just written.
             return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
-        flags: int = _U16.unpack_from(avail, 0)[0]
+        flags: int = _U16.unpack_from(avail, 0)[0]  # type: ignore[arg-type]
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def signal_used(self) -> bool:

@@ -179,22 +179,25 @@ class QueueWorker:
         handler = st.handler
         budget = self._budget or q.size
         st.pending = False
+        pop = q.pop  # bound once: this loop runs per request
+        add_used = q.add_used
+        stats = st.stats
         try:
             while True:
                 q.disable_notification()
                 while budget and not self._stopping:
-                    chain = q.pop()
+                    chain = pop()
                     if chain is None:
                         break
                     try:
                         written = handler(chain)
                     except Throttled as t:
                         q.undo_pop()
-                        st.stats.throttled += 1
+                        stats.throttled += 1
                         st.retry_at = time.monotonic() + t.delay
                         break
-                    q.add_used(chain.head_index, written)
-                    st.stats.chains += 1
+                    add_used(chain.head_index, written)
+                    stats.chains += 1
                     budget -= 1
                 if st.retry_at is not None:
                     break  # leave kicks suppressed; the timer brings us back

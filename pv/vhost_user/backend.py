@@ -206,6 +206,7 @@ class VhostUserSession:
         self.protocol_features_offered = offered_protocol_features(device)
         self.acked_features = 0
         self.acked_protocol_features = 0
+        self.protocol_features_set = False
         self.features_set = False
         self.owner = False
         self.table: MemoryTable | None = None
@@ -224,7 +225,9 @@ class VhostUserSession:
 
     @property
     def protocol_features_negotiated(self) -> bool:
-        return bool(self.acked_features & (1 << P.VHOST_USER_F_PROTOCOL_FEATURES))
+        # SET_PROTOCOL_FEATURES is only legal once GET_FEATURES offered the bit, and QEMU (hw/net/virtio-net.c
+        # peer_attach) sends SET_VRING_ENABLE before its first SET_FEATURES: either one means negotiated.
+        return self.protocol_features_set or bool(self.acked_features & (1 << P.VHOST_USER_F_PROTOCOL_FEATURES))
 
     # ------------------------------------------------------------------------------------------ dispatch
     def dispatch(self, msg: Message) -> tuple[Message | None, bool]:
@@ -306,6 +309,7 @@ class VhostUserSession:
                 f"SET_PROTOCOL_FEATURES 0x{features:x} has bits not offered (0x{self.protocol_features_offered:x})"
             )
         self.acked_protocol_features = features
+        self.protocol_features_set = True
         return None
 
     def _set_owner(self, msg: Message) -> None:

@@ -10,6 +10,35 @@ request byte passes through the DM.
 The back-end is a peer we do not trust either: every reply is checked (request type, REPLY flag, size), every
 request has a timeout, and anything unexpected — including the back-end hanging up while the rings run — puts
 the device in NEEDS_RESET with the reason instead of raising into the transport.
+
+Back-end restart (:meth:`VhostUserDevice.reattach`): when the back-end hangs up while the rings run, the watcher
+first waits up to :data:`REATTACH_GRACE` seconds for the daemon to restart the back-end and hand us a freshly
+connected socket; only if none comes does the device go to NEEDS_RESET. So the guest never sees a NEEDS_RESET
+that is later taken back (virtio 1.2 §2.1.2: once set, the driver must reset the device). On re-attach we redo
+the handshake, SET_MEM_TABLE and every ring, with SET_VRING_BASE = the ring's *used* index read from guest memory.
+
+Why that resumes a blk ring correctly (only used for kvmdm's own blk back-end, which the daemon manages; an
+external back-end is never re-attached):
+
+* kvmdm's blk back-end (pv.blk.Block on pv.worker.QueueWorker) serves one ring in one thread, popping a chain,
+  executing it synchronously and adding it to the used ring before popping the next: it completes requests in
+  avail order, one at a time. So at any instant ``used.idx`` is the avail position of the first request that is
+  not completed (as far as the guest can tell: a request is completed only once ``used.idx`` covers it,
+  §2.7.8), and every avail entry before it is completed exactly once.
+* The new back-end starts at ``last_avail_idx = used.idx`` (and reads ``used.idx`` itself as its next used
+  slot), so it re-executes exactly the requests that were popped but not published at the crash — at most the
+  one in progress — and then continues with the ones the guest queued meanwhile. None is lost; none is
+  completed twice (the old back-end's unpublished used element is overwritten in the same slot).
+* Re-executing a request is harmless: a read reads the same sectors into the same buffers, a write writes the
+  same bytes to the same sectors, a flush flushes again. GET_ID re-reads the serial.
+* Descriptors and buffers of in-flight requests stay untouched by the guest until they are in the used ring
+  (§2.7.13.1), so the re-executed request sees the data the guest queued.
+* The guest may have kicked while no back-end listened, and the old back-end may have consumed a kick it never
+  acted on: after re-enabling the rings we kick each one ourselves (a spurious notification is allowed, §2.7.10).
+
+virtio-net cannot be resumed that way (a transmit in flight would be sent twice, receive buffers may hold
+half-written frames): a net device whose back-end is re-attached while its rings run goes to NEEDS_RESET with
+that reason, and the new connection serves it after the driver resets the device.
 """
 
 from __future__ import annotations
@@ -20,9 +49,10 @@ import select
 import socket
 import struct
 import threading
+from dataclasses import replace
 
-from kvmcore.memory import GuestMemory
-from pv.device import DeviceHealth, QueueConfig, VirtioDevice
+from kvmcore.memory import GuestMemory, GuestMemoryError
+from pv.device import VIRTIO_ID_BLOCK, DeviceHealth, QueueConfig, VirtioDevice
 from pv.vhost_user import protocol as P
 
 log = logging.getLogger(__name__)
@@ -34,6 +64,7 @@ OUR_PROTOCOL_FEATURES = (
     (1 << P.ProtocolFeature.MQ) | (1 << P.ProtocolFeature.REPLY_ACK) | (1 << P.ProtocolFeature.CONFIG)
 )
 REQUEST_TIMEOUT = 5.0
+REATTACH_GRACE = 5.0  # seconds a hung-up back-end may take to be re-attached before NEEDS_RESET
 
 
 class BackendError(Exception):
@@ -109,18 +140,12 @@ class VhostUserDevice(VirtioDevice):
     """A virtio device (blk, net, ...) whose data path is a vhost-user back-end reached through ``sock``."""
 
     def __init__(self, sock: socket.socket, device_type: int, *, num_queues: int, queue_size: int = 256,
-                 config_size: int = 0) -> None:
+                 config_size: int = 0, reattach_grace: float = REATTACH_GRACE) -> None:
         self.device_type = device_type
         self.conn = VhostUserConnection(sock)
         self.sock = sock
-        self.backend_features = self.conn.get_u64(P.Request.GET_FEATURES)
-        self.protocol_features = 0
-        if self.backend_features & (1 << P.VHOST_USER_F_PROTOCOL_FEATURES):
-            offered = self.conn.get_u64(P.Request.GET_PROTOCOL_FEATURES)
-            self.protocol_features = offered & OUR_PROTOCOL_FEATURES
-            self.conn.set(P.Request.SET_PROTOCOL_FEATURES, _U64.pack(self.protocol_features))
-            self.conn.reply_ack = bool(self.protocol_features & (1 << P.ProtocolFeature.REPLY_ACK))
-        self.conn.set(P.Request.SET_OWNER)
+        self.reattach_grace = reattach_grace
+        self.backend_features, self.protocol_features = self._handshake(self.conn)
         if self.protocol_features & (1 << P.ProtocolFeature.MQ):
             num_queues = max(1, min(num_queues, self.conn.get_u64(P.Request.GET_QUEUE_NUM)))
         self.queue_max_sizes = (queue_size,) * num_queues
@@ -135,6 +160,26 @@ class VhostUserDevice(VirtioDevice):
         self._active: list[QueueConfig] = []
         self._watch_stop = -1
         self._watcher: threading.Thread | None = None
+        self._mem: GuestMemory | None = None
+        self._health: DeviceHealth | None = None
+        # Bumped by reattach() and reset(): a watcher waiting out the grace period sees it and stands down.
+        self._epoch = 0
+        self._cond = threading.Condition()
+        self._failed = False  # NEEDS_RESET was reported for the current activation
+        self.reattaches = 0
+
+    @staticmethod
+    def _handshake(conn: VhostUserConnection) -> tuple[int, int]:
+        """GET_FEATURES, protocol features, SET_OWNER: (back-end features, negotiated protocol features)."""
+        features = conn.get_u64(P.Request.GET_FEATURES)
+        proto = 0
+        if features & (1 << P.VHOST_USER_F_PROTOCOL_FEATURES):
+            offered = conn.get_u64(P.Request.GET_PROTOCOL_FEATURES)
+            proto = offered & OUR_PROTOCOL_FEATURES
+            conn.set(P.Request.SET_PROTOCOL_FEATURES, _U64.pack(proto))
+            conn.reply_ack = bool(proto & (1 << P.ProtocolFeature.REPLY_ACK))
+        conn.set(P.Request.SET_OWNER)
+        return features, proto
 
     # ---------------------------------------------------------------- VirtioDevice
     def device_features(self) -> int:
@@ -146,13 +191,68 @@ class VhostUserDevice(VirtioDevice):
             data[: end - offset] = self.config[offset:end]
 
     def activate(self, mem: GuestMemory, queues: list[QueueConfig], health: DeviceHealth) -> None:
+        self._mem, self._health, self._failed = mem, health, False
         try:
             self._start(mem, queues)
         except BackendError as e:
             log.warning("vhost-user activation failed: %s", e)
-            health.needs_reset(f"vhost-user back-end: {e}")
+            self._needs_reset(health, f"vhost-user back-end: {e}")
             return
         self._watch(health)
+
+    def _needs_reset(self, health: DeviceHealth, reason: str) -> None:
+        self._failed = True
+        health.needs_reset(reason)
+
+    def reattach(self, sock: socket.socket) -> bool:
+        """Switch to a new back-end connection (the daemon restarted the back-end). Returns True if running rings
+        were resumed on it (see the module docstring for why that is correct for blk), False if there was
+        nothing to resume or the device had to go to NEEDS_RESET. Raises BackendError if the new back-end fails
+        the handshake or does not offer the features the driver negotiated; the old connection is then kept."""
+        conn = VhostUserConnection(sock)
+        features, proto = self._handshake(conn)
+        need = self.acked_features & ~(1 << P.VHOST_USER_F_PROTOCOL_FEATURES)
+        if features & need != need or proto != self.protocol_features:
+            raise BackendError(f"new back-end offers features 0x{features:x}/0x{proto:x}, the device runs with "
+                               f"0x{need:x}/0x{self.protocol_features:x}")
+        self._stop_watcher()  # also makes a watcher in its grace period stand down
+        old = self.sock
+        self.conn, self.sock = conn, sock
+        old.close()
+        self.reattaches += 1
+        queues, mem, health = self._active, self._mem, self._health
+        if not queues or mem is None or health is None or self._failed:
+            # Rings not running (or the guest already saw NEEDS_RESET and must reset): the next activate uses
+            # the new back-end.
+            self._active = []
+            return False
+        if self.device_type != VIRTIO_ID_BLOCK:
+            self._active = []
+            self._needs_reset(health, "vhost-user back-end restarted; virtio-net rings cannot be resumed safely "
+                                      "(in-flight frames would be lost or sent twice): reset the device")
+            return False
+        try:
+            resumed = [replace(q, next_avail=mem.read_u16(q.used_ring + 2)) for q in queues]
+        except GuestMemoryError as e:
+            self._active = []
+            self._needs_reset(health, f"vhost-user re-attach: used ring unreadable: {e}")
+            return False
+        self._active = []
+        try:
+            self._start(mem, resumed)
+        except BackendError:
+            # The new back-end died half-way (it may be restarted again): keep the rings to resume, and let a
+            # watcher on the dead socket wait out the grace period for the next re-attach, as after a hang-up.
+            self._active = list(queues)
+            self._watch(health)
+            raise
+        for q in resumed:
+            # A kick the guest sent while nobody listened, or one the dead back-end consumed, must not be lost.
+            os.eventfd_write(q.kick_fd, 1)
+        self._watch(health)
+        log.info("vhost-user back-end re-attached; rings resumed at used idx %s",
+                 [q.next_avail for q in resumed])
+        return True
 
     def _start(self, mem: GuestMemory, queues: list[QueueConfig]) -> None:
         c = self.conn
@@ -173,7 +273,8 @@ class VhostUserDevice(VirtioDevice):
 
         for q in queues:
             c.set(P.Request.SET_VRING_NUM, _STATE.pack(q.index, q.size))
-            c.set(P.Request.SET_VRING_BASE, _STATE.pack(q.index, 0))
+            # 0 on a fresh start (§2.7); the used idx on a re-attach (see the module docstring).
+            c.set(P.Request.SET_VRING_BASE, _STATE.pack(q.index, q.next_avail & 0xFFFF))
             addr = P.VringAddr(q.index, 0, uva(q.desc_table), uva(q.used_ring), uva(q.avail_ring), 0)
             c.set(P.Request.SET_VRING_ADDR, addr.pack())
             c.set(P.Request.SET_VRING_KICK, _U64.pack(q.index), [q.kick_fd])
@@ -187,24 +288,40 @@ class VhostUserDevice(VirtioDevice):
         """While rings run the back-end sends nothing on this socket: readable means it hung up or misbehaves."""
         self._watch_stop = os.eventfd(0, os.EFD_CLOEXEC)
         stop_fd = self._watch_stop
+        sock_fd = self.sock.fileno()
+        with self._cond:
+            epoch = self._epoch
 
         def run() -> None:
-            r, _, _ = select.select([self.sock.fileno(), stop_fd], [], [])
+            r, _, _ = select.select([sock_fd, stop_fd], [], [])
             if stop_fd in r:
                 return
-            log.warning("vhost-user back-end hung up while its rings were running")
-            health.needs_reset("vhost-user back-end disconnected")
+            log.warning("vhost-user back-end hung up while its rings were running; waiting %.1f s for a "
+                        "re-attach", self.reattach_grace)
+            with self._cond:
+                moved_on = self._cond.wait_for(lambda: self._epoch != epoch, timeout=self.reattach_grace)
+                if moved_on:
+                    return
+                # Still under the lock: a reattach() arriving now waits and then sees _failed.
+                self._needs_reset(health, f"vhost-user back-end disconnected and not re-attached within "
+                                          f"{self.reattach_grace:g} s")
 
         self._watcher = threading.Thread(target=run, name="vhost-user-watch", daemon=True)
         self._watcher.start()
 
-    def reset(self) -> None:
+    def _stop_watcher(self) -> None:
+        with self._cond:
+            self._epoch += 1
+            self._cond.notify_all()
         if self._watcher is not None:
             os.eventfd_write(self._watch_stop, 1)
             self._watcher.join(timeout=1)
             os.close(self._watch_stop)
             self._watcher = None
             self._watch_stop = -1
+
+    def reset(self) -> None:
+        self._stop_watcher()
         try:
             for q in self._active:
                 # GET_VRING_BASE stops the ring; the back-end answers once it no longer touches it.

@@ -14,7 +14,6 @@ import os
 import re
 import struct
 import time
-from pathlib import Path
 
 import pytest
 

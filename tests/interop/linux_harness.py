@@ -3,7 +3,8 @@
     status, console = run_linux_tcg(vmlinuz, initrd, extra_args=["-drive", f"file={img},format=raw,if=virtio"])
 
 runs ``qemu-system-x86_64 -accel tcg -m 512 -kernel vmlinuz -initrd initrd -append "console=ttyS0 quiet panic=-1
-<append>" -nographic -no-reboot <extra_args>``; the guest prints ``GUEST-READY disks=[...] nets=[...]``, runs
+<append>" -nographic -no-reboot -nodefaults -serial stdio -monitor none <extra_args>`` (no default NIC, VGA or
+monitor: the guest sees only the devices a test adds); the guest prints ``GUEST-READY disks=[...] nets=[...]``, runs
 its script, prints ``GUEST-EXIT rc=N`` and powers off (~3 s on the project machines). ``status`` is QEMU's exit
 status (0 after the guest's poweroff, and also after a panic since panic=-1 reboots and -no-reboot exits).
 

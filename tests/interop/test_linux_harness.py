@@ -42,7 +42,8 @@ def test_guest_writes_pattern_through_qemu_virtio_blk_and_host_reads_it(linux_gu
     status, console = run_linux_tcg(vmlinuz, initrd, timeout=60,
                                     extra_args=["-drive", f"file={disk},format=raw,if=virtio"])
     assert status == 0, console
-    assert guest_ready(console) is not None and "vda" in guest_ready(console)[0], console  # type: ignore[index]
+    ready = guest_ready(console)
+    assert ready is not None and ready[0] == ["vda"], console
     assert guest_exit_rc(console) == 0, console
     data = disk.read_bytes()
     assert data[3 * BLOCK : 4 * BLOCK] == PATTERN
