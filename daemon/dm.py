@@ -25,6 +25,7 @@ import os
 import resource
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -47,7 +48,6 @@ log = logging.getLogger("kvmdm.dm")
 
 EXIT_STOPPED, EXIT_ERROR, EXIT_RESET, EXIT_CRASH = 0, 1, 3, 4
 VIRTIO_BLK_CONFIG_SIZE = 60  # struct virtio_blk_config up to write_zeroes_may_unmap (virtio 1.2 §5.2.4)
-VIRTIO_NET_CONFIG_SIZE = 12  # mac, status, max_virtqueue_pairs, mtu (virtio 1.2 §5.1.4)
 # Wall clock when every import was done: the start of the startup timeline logged once the vCPUs run
 # (bench/daemon.py reads it to split create->first-serial-byte into DM startup and guest boot).
 T_IMPORTED = time.time()
@@ -338,8 +338,10 @@ class DeviceModel:
                 from pv.device import VIRTIO_ID_NET
                 from pv.vhost_user.frontend import VhostUserDevice
 
+                # The front-end owns net's config space (MAC, link up, one queue pair), as QEMU does.
+                mac = bytes.fromhex(nic.mac.replace(":", ""))
                 dev = VhostUserDevice(socket.socket(fileno=fd), VIRTIO_ID_NET, num_queues=2,
-                                      config_size=VIRTIO_NET_CONFIG_SIZE)
+                                      config=struct.pack("<6sHHH", mac, 1, 1, 0))
                 self.vhost_devices.append(dev)
                 vmm.attach_virtio(dev)
                 continue

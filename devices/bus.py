@@ -60,6 +60,8 @@ class Bus:
         self._entries: list[tuple[int, int, BusDevice]] = []  # (base, end, device), sorted by base
         self.stats = BusStats()
         self._log = RateLimitedLog(log, per_second=5)
+        # Bumped on every insert/remove, so a vCPU's C fast path (kvmcore.fastrun) knows to refresh its table.
+        self.generation = 0
 
     def insert(self, device: BusDevice, base: int, length: int) -> None:
         if length <= 0 or base < 0 or base + length > self.limit:
@@ -72,12 +74,14 @@ class Bus:
             raise BusOverlap(f"{self.name}: 0x{base:x}+0x{length:x} overlaps 0x{self._entries[i][0]:x}")
         self._bases.insert(i, base)
         self._entries.insert(i, (base, end, device))
+        self.generation += 1
 
     def remove(self, base: int) -> BusDevice:
         i = bisect.bisect_left(self._bases, base)
         if i == len(self._bases) or self._bases[i] != base:
             raise BusRangeInvalid(f"{self.name}: nothing is placed at 0x{base:x}")
         del self._bases[i]
+        self.generation += 1
         return self._entries.pop(i)[2]
 
     def get(self, addr: int, length: int = 1) -> tuple[BusDevice, int] | None:
@@ -89,6 +93,17 @@ class Bus:
         if addr + length > end:
             return None
         return dev, addr - base
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """Claimed [base, end) ranges in address order."""
+        return [(b, e) for b, e, _d in self._entries]
+
+    def add_unclaimed(self, reads: int, writes: int) -> None:
+        """Account accesses the vCPU's C fast path answered for us (all-ones reads, dropped writes)."""
+        self.stats.reads += reads
+        self.stats.writes += writes
+        self.stats.unclaimed_reads += reads
+        self.stats.unclaimed_writes += writes
 
     def devices(self) -> list[tuple[int, int, BusDevice]]:
         return [(b, e - b, d) for b, e, d in self._entries]

@@ -286,6 +286,10 @@ class Vcpu:
             raise KvmError("KVM_RUN", e.errno or errno.EIO) from None
         return parse_exit(self.run_mmap, self.run_view)
 
+    def run_address(self) -> int:
+        """Host address of the kvm_run page (for kvmcore.fastrun's C loop; valid until close())."""
+        return C.addressof(C.c_char.from_buffer(self.run_mmap))
+
     def set_immediate_exit(self, value: bool) -> None:
         self.run_mmap[abi.RUN_IMMEDIATE_EXIT] = 1 if value else 0
 

@@ -25,6 +25,9 @@ EFER_LMA = 1 << 10
 MSR_IA32_APICBASE = 0x1B
 MSR_IA32_MISC_ENABLE = 0x1A0
 MISC_ENABLE_FAST_STRING = 1
+MSR_MTRR_DEF_TYPE = 0x2FF
+MTRR_ENABLE = 1 << 11
+MTRR_TYPE_WB = 6
 
 APIC_LVT0 = 0x350
 APIC_LVT1 = 0x360
@@ -95,7 +98,9 @@ def guest_cpuid(kvm: Kvm, vcpu_index: int, ncpus: int) -> list[CpuidEntry]:
 
 def setup_common(kvm: Kvm, vcpu: Vcpu, ncpus: int) -> None:
     vcpu.set_cpuid2(guest_cpuid(kvm, vcpu.index, ncpus))
-    vcpu.set_msrs({MSR_IA32_MISC_ENABLE: MISC_ENABLE_FAST_STRING})
+    # MTRRs enabled with write-back as the default type, as firmware leaves them (and as Firecracker sets them):
+    # with MTRRs disabled every guest access would be uncacheable, which no real guest is ever booted with.
+    vcpu.set_msrs({MSR_IA32_MISC_ENABLE: MISC_ENABLE_FAST_STRING, MSR_MTRR_DEF_TYPE: MTRR_ENABLE | MTRR_TYPE_WB})
     setup_fpu(vcpu)
     setup_lapic(vcpu)
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -71,7 +72,14 @@ AVAIL_ALIGN = 2
 USED_ALIGN = 4
 
 _DESC = struct.Struct("<QIHH")  # struct virtq_desc: addr, len, flags, next
-_U16 = struct.Struct("<H")
+# Ring indices and flags that the driver reads or writes concurrently (avail idx/flags/used_event, used
+# idx/flags/avail_event) must move as one 16-bit access: a guest vCPU polling used->idx must never see half of our
+# update, and we must never see half of its avail->idx update. CPython's standard-size formats ('<', '=') pack and
+# unpack byte by byte (Modules/_struct.c lp_uint/lu_uint); only the native format '@' copies the value with a single
+# sized memcpy, which compiles to one aligned 16-bit mov — single-copy atomic on x86. The rings are naturally
+# aligned (§2.7: avail 2, used 4), and native order is the virtio little-endian order on the hosts we run on.
+_IDX16 = struct.Struct("@H")
+assert sys.byteorder == "little", "virtio rings are little-endian; the native-order index accessors assume it"
 _USED_ELEM = struct.Struct("<II")  # struct virtq_used_elem: id, len
 
 _FENCE_LOCK = threading.Lock()
@@ -407,7 +415,7 @@ class SplitQueue:
         avail = self._avail_view
         if avail is None:
             self._views()  # raises the "used before validate()" device bug
-        idx: int = _U16.unpack_from(avail, 2)[0]  # type: ignore[arg-type]
+        idx: int = _IDX16.unpack_from(avail, 2)[0]  # type: ignore[arg-type]
         # (A weakly ordered CPU needs an acquire fence here, before ring entries are read; x86 does not.)
         if (idx - self.next_avail) & 0xFFFF > self.size:
             raise AvailRingOverflow(
@@ -430,7 +438,7 @@ class SplitQueue:
         avail = self._avail_view
         if avail is None:
             self._views()  # raises the "used before validate()" device bug
-        head: int = _U16.unpack_from(avail, 4 + 2 * (self.next_avail & (self.size - 1)))[0]  # type: ignore[arg-type]
+        head: int = _IDX16.unpack_from(avail, 4 + 2 * (self.next_avail & (self.size - 1)))[0]  # type: ignore[arg-type]
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         return self._parse_chain(head)
 
@@ -532,7 +540,7 @@ class SplitQueue:
         # (A weakly ordered CPU needs a release fence here: the element must be visible before idx. x86: TSO.)
         slot = (slot + 1) & 0xFFFF
         self.next_used = slot
-        _U16.pack_into(used, 2, slot)  # type: ignore[arg-type]
+        _IDX16.pack_into(used, 2, slot)  # type: ignore[arg-type]
         self._num_added += 1
 
     def add_used_many(self, elems: Sequence[tuple[int, int]]) -> None:
@@ -547,7 +555,7 @@ class SplitQueue:
             slot = (slot + 1) & 0xFFFF
         # (A weakly ordered CPU needs a release fence here: the elements must be visible before idx. x86: TSO.)
         self.next_used = slot
-        _U16.pack_into(used, 2, slot)
+        _IDX16.pack_into(used, 2, slot)
         self._num_added += len(elems)
 
     def needs_notification(self) -> bool:
@@ -568,10 +576,10 @@ class SplitQueue:
         if self.event_idx:
             if added >= 0x10000:  # the u16 window wrapped: the event index was certainly crossed
                 return True
-            used_event: int = _U16.unpack_from(avail, self._used_event_off)[0]  # type: ignore[arg-type]
+            used_event: int = _IDX16.unpack_from(avail, self._used_event_off)[0]  # type: ignore[arg-type]
             # vring_need_event(): notify iff used_event lies in the window (old, new] of entries just written.
             return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
-        flags: int = _U16.unpack_from(avail, 0)[0]  # type: ignore[arg-type]
+        flags: int = _IDX16.unpack_from(avail, 0)[0]  # type: ignore[arg-type]
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def signal_used(self) -> bool:
@@ -587,13 +595,13 @@ class SplitQueue:
         """EVENT_IDX: ask the driver to kick when it publishes the slot we will pop next (§2.7.10)."""
         if self.event_idx:
             _d, _a, used = self._views()
-            _U16.pack_into(used, self._avail_event_off, self.next_avail)
+            _IDX16.pack_into(used, self._avail_event_off, self.next_avail)
 
     def disable_notification(self) -> None:
         """While draining, ask the driver not to kick (VIRTQ_USED_F_NO_NOTIFY; with EVENT_IDX nothing to do)."""
         if not self.event_idx:
             _d, _a, used = self._views()
-            _U16.pack_into(used, 0, VIRTQ_USED_F_NO_NOTIFY)
+            _IDX16.pack_into(used, 0, VIRTQ_USED_F_NO_NOTIFY)
 
     def enable_notification(self) -> bool:
         """Re-enable kicks, then re-check the ring: True if chains arrived meanwhile (process them, §2.7.10)."""
@@ -601,7 +609,7 @@ class SplitQueue:
         if self.event_idx:
             self.set_avail_event()
         else:
-            _U16.pack_into(used, 0, 0)
+            _IDX16.pack_into(used, 0, 0)
         # Store (avail_event / flags) then load (avail idx): the driver may have published after our last read and
         # checked suppression before our store landed; without this barrier neither side would act.
         full_fence()

@@ -52,7 +52,7 @@ import threading
 from dataclasses import replace
 
 from kvmcore.memory import GuestMemory, GuestMemoryError
-from pv.device import VIRTIO_ID_BLOCK, DeviceHealth, QueueConfig, VirtioDevice
+from pv.device import VIRTIO_ID_BLOCK, VIRTIO_ID_NET, DeviceHealth, QueueConfig, VirtioDevice
 from pv.vhost_user import protocol as P
 
 log = logging.getLogger(__name__)
@@ -140,17 +140,23 @@ class VhostUserDevice(VirtioDevice):
     """A virtio device (blk, net, ...) whose data path is a vhost-user back-end reached through ``sock``."""
 
     def __init__(self, sock: socket.socket, device_type: int, *, num_queues: int, queue_size: int = 256,
-                 config_size: int = 0, reattach_grace: float = REATTACH_GRACE) -> None:
+                 config_size: int = 0, config: bytes | None = None,
+                 reattach_grace: float = REATTACH_GRACE) -> None:
+        """config: the device config space when the front-end owns it (net: MAC and link status, as QEMU does;
+        a back-end without VHOST_USER_PROTOCOL_F_CONFIG cannot supply it)."""
         self.device_type = device_type
         self.conn = VhostUserConnection(sock)
         self.sock = sock
         self.reattach_grace = reattach_grace
         self.backend_features, self.protocol_features = self._handshake(self.conn)
         if self.protocol_features & (1 << P.ProtocolFeature.MQ):
-            num_queues = max(1, min(num_queues, self.conn.get_u64(P.Request.GET_QUEUE_NUM)))
+            backend_queues = self.conn.get_u64(P.Request.GET_QUEUE_NUM)
+            if device_type == VIRTIO_ID_NET:
+                backend_queues *= 2  # net back-ends count queue pairs (vhost-user.rst, VHOST_USER_GET_QUEUE_NUM)
+            num_queues = max(1, min(num_queues, backend_queues))
         self.queue_max_sizes = (queue_size,) * num_queues
-        self.config = bytearray(config_size)
-        if config_size and self.protocol_features & (1 << P.ProtocolFeature.CONFIG):
+        self.config = bytearray(config if config is not None else bytes(config_size))
+        if config is None and config_size and self.protocol_features & (1 << P.ProtocolFeature.CONFIG):
             reply = self.conn.get(P.Request.GET_CONFIG, _CONFIG_HDR.pack(0, config_size, 0) + bytes(config_size),
                                   max_size=_CONFIG_HDR.size + config_size)
             if len(reply) != _CONFIG_HDR.size + config_size:

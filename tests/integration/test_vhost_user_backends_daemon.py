@@ -262,7 +262,7 @@ def test_backend_that_keeps_crashing_leaves_the_device_needs_reset_and_the_dm_ru
     n = _ready_count(daemon, "cr")
     _freeze_and_kill(g["backends"][0]["pid"])
     for _ in range(2):  # each restarted back-end is frozen as soon as it is READY (jailed), then killed
-        wait_until(lambda: _ready_count(daemon, "cr") > n, 10, 0.002)
+        wait_until(lambda n=n: _ready_count(daemon, "cr") > n, 10, 0.002)  # type: ignore[misc]
         n = _ready_count(daemon, "cr")
         _freeze_and_kill(_health_backend(daemon, "cr")["pid"])
     b = wait_until(lambda: (x := _health_backend(daemon, "cr"))["state"] == "failed" and x, 10)
