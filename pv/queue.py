@@ -73,11 +73,13 @@ USED_ALIGN = 4
 
 _DESC = struct.Struct("<QIHH")  # struct virtq_desc: addr, len, flags, next
 # Ring indices and flags that the driver reads or writes concurrently (avail idx/flags/used_event, used
-# idx/flags/avail_event) must move as one 16-bit access: a guest vCPU polling used->idx must never see half of our
-# update, and we must never see half of its avail->idx update. CPython's standard-size formats ('<', '=') pack and
-# unpack byte by byte (Modules/_struct.c lp_uint/lu_uint); only the native format '@' copies the value with a single
-# sized memcpy, which compiles to one aligned 16-bit mov — single-copy atomic on x86. The rings are naturally
-# aligned (§2.7: avail 2, used 4), and native order is the virtio little-endian order on the hosts we run on.
+# idx/flags/avail_event) must move as one 16-bit access: a driver polling used->idx must never see half of our
+# update, and we must never see half of its avail->idx update. Two CPython details decide how (Modules/_struct.c):
+# standard-size formats ('<', '=') load and store byte by byte (lu_uint/lp_uint), and *every* Struct.pack_into
+# first memset()s its destination to zero (s_pack_internal) — a polling driver then sees 0 for an instant. So:
+# loads use the native format '@H' (nu_ushort: one sized memcpy = one aligned 16-bit mov, single-copy atomic on
+# x86), and stores go through a memoryview cast to 'H' (pack_single: one sized memcpy, no memset). The rings are
+# naturally aligned (§2.7: avail 2, used 4); native order is virtio's little-endian order on the hosts we run on.
 _IDX16 = struct.Struct("@H")
 assert sys.byteorder == "little", "virtio rings are little-endian; the native-order index accessors assume it"
 _USED_ELEM = struct.Struct("<II")  # struct virtq_used_elem: id, len
@@ -354,6 +356,7 @@ class SplitQueue:
         self._desc_view: memoryview | None = None
         self._avail_view: memoryview | None = None
         self._used_view: memoryview | None = None
+        self._used16: memoryview | None = None
         self._used_event_off = 4 + 2 * self.size
         self._avail_event_off = 4 + 8 * self.size
         if cfg.next_avail or cfg.next_used:
@@ -384,6 +387,7 @@ class SplitQueue:
         self._desc_view = self.mem.view(self.desc_table, desc_table_size(size))
         self._avail_view = self.mem.view(self.avail_ring, avail_ring_size(size))
         self._used_view = self.mem.view(self.used_ring, used_ring_size(size))
+        self._used16 = self._used_view.cast("H")  # flags [0], idx [1], ring, avail_event [2 + 4 * size]
 
     def is_valid(self) -> bool:
         try:
@@ -394,6 +398,9 @@ class SplitQueue:
 
     def close(self) -> None:
         """Drop the ring views so the guest memory can be unmapped."""
+        if self._used16 is not None:
+            self._used16.release()
+            self._used16 = None
         for v in (self._desc_view, self._avail_view, self._used_view):
             if v is not None:
                 v.release()
@@ -540,7 +547,7 @@ class SplitQueue:
         # (A weakly ordered CPU needs a release fence here: the element must be visible before idx. x86: TSO.)
         slot = (slot + 1) & 0xFFFF
         self.next_used = slot
-        _IDX16.pack_into(used, 2, slot)  # type: ignore[arg-type]
+        self._used16[1] = slot  # type: ignore[index]
         self._num_added += 1
 
     def add_used_many(self, elems: Sequence[tuple[int, int]]) -> None:
@@ -555,7 +562,7 @@ class SplitQueue:
             slot = (slot + 1) & 0xFFFF
         # (A weakly ordered CPU needs a release fence here: the elements must be visible before idx. x86: TSO.)
         self.next_used = slot
-        _IDX16.pack_into(used, 2, slot)
+        self._used16[1] = slot  # type: ignore[index]
         self._num_added += len(elems)
 
     def needs_notification(self) -> bool:
@@ -595,13 +602,13 @@ class SplitQueue:
         """EVENT_IDX: ask the driver to kick when it publishes the slot we will pop next (§2.7.10)."""
         if self.event_idx:
             _d, _a, used = self._views()
-            _IDX16.pack_into(used, self._avail_event_off, self.next_avail)
+            self._used16[self._avail_event_off >> 1] = self.next_avail  # type: ignore[index]
 
     def disable_notification(self) -> None:
         """While draining, ask the driver not to kick (VIRTQ_USED_F_NO_NOTIFY; with EVENT_IDX nothing to do)."""
         if not self.event_idx:
             _d, _a, used = self._views()
-            _IDX16.pack_into(used, 0, VIRTQ_USED_F_NO_NOTIFY)
+            self._used16[0] = VIRTQ_USED_F_NO_NOTIFY  # type: ignore[index]
 
     def enable_notification(self) -> bool:
         """Re-enable kicks, then re-check the ring: True if chains arrived meanwhile (process them, §2.7.10)."""
@@ -609,7 +616,7 @@ class SplitQueue:
         if self.event_idx:
             self.set_avail_event()
         else:
-            _IDX16.pack_into(used, 0, 0)
+            self._used16[0] = 0  # type: ignore[index]
         # Store (avail_event / flags) then load (avail idx): the driver may have published after our last read and
         # checked suppression before our store landed; without this barrier neither side would act.
         full_fence()

@@ -18,9 +18,10 @@
  * reposted while the device owns it. Every used element is checked (§2.7.8.1 is the device's side of this): the
  * used idx may not run more than Q ahead of what we consumed, and the id must be a descriptor we have in flight;
  * otherwise the guest prints "bad used element" with the indices and exits 1 -- a device bug, not a driver one.
- * Exception, seen under kvmdm on the nested kvm_pvm host: the 16-bit used idx occasionally *reads* as a value more
- * than Q ahead (0, mid-run) and is right on the next read; such reads are counted (odd-used-idx-reads in the
- * result line), skipped and re-read; only ODD_READS_MAX of them fail the run.
+ * Impossible used idx values (more than Q ahead) are counted (odd-used-idx-reads in the result line), skipped
+ * and re-read; only ODD_READS_MAX of them fail the run. They exposed a real device bug once (kvmdm's Python
+ * device zeroed used->idx for an instant before every store: CPython's struct.pack_into memsets its target
+ * first); the tests now require the count to be 0.
  * Then prints "virtio_net_blast: sent N received M" and exits 0; on a timeout (no progress for VIO_TIMEOUT_TSC)
  * or a bad option it says so and exits 1 / 2.
  */

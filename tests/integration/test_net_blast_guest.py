@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.ablation import CrossCheckFailed, TapCounters, cross_check, guest_counts
+from bench.ablation import CrossCheckFailed, TapCounters, cross_check, guest_counts, odd_reads
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,6 +49,9 @@ def test_blast_guest_counts_match_the_frames_the_host_saw_on_the_tap() -> None:
         sent, received = guest_counts(m["text"])
         assert (sent, received) == (3000, 1000), m["text"]
         assert m["tap_rx"] == sent  # every frame the guest counted was written into the tap, no more
+        # Ring indices are published as single 16-bit stores (pv.queue): the polling guest never sees a torn or
+        # transiently zeroed used->idx.
+        assert odd_reads(m["text"]) == 0, m["text"]
         assert m["tap_rx_errs"] == 0
         assert received <= m["tap_tx"] <= received + 65  # read from the tap: counted + at most Q posted + 1
 
