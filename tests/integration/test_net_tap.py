@@ -34,8 +34,7 @@ from pv.net import (
     Net,
     offload_flags,
 )
-from pv.testing import MockSplitQueue, make_guest_memory
-from tests.unit.pv.conftest import FakeHealth
+from pv.testing import FakeHealth, MockSplitQueue, make_guest_memory
 
 CLONE_NEWNET = 0x40000000
 ETH_P_TEST = 0x88B5  # IEEE 802 local experimental ethertype: nothing else in the namespace sends it

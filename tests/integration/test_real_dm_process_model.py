@@ -24,7 +24,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "daemon"))
 
-from kvmdmd_harness import Daemon, reap, wait_until  # noqa: E402
+from kvmdmd_harness import Daemon, pids_with_cmdline, reap, wait_until  # noqa: E402
 
 from guests.build import build_guest  # noqa: E402
 
@@ -63,17 +63,7 @@ class RealDaemon(Daemon):
 
 
 def dm_processes(marker: str) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{d}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"daemon.dm" in cmd and b"--control-fd" in cmd and marker.encode() in cmd:
-            out.append(int(d))
-    return out
+    return pids_with_cmdline(b"daemon.dm", b"--control-fd", marker.encode())
 
 
 def children(pid: int) -> list[int]:

@@ -26,7 +26,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "daemon"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kvmdmd_harness import wait_until  # noqa: E402
+from kvmdmd_harness import pids_with_cmdline, wait_until  # noqa: E402
 from test_real_dm_process_model import (  # noqa: E402
     RealDaemon,
     _links,
@@ -81,17 +81,7 @@ def daemon(tmp_path: Path) -> Iterator[RealDaemon]:
 
 
 def backend_pids(marker: str) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{d}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"daemon.backend_main" in cmd and marker.encode() in cmd:
-            out.append(int(d))
-    return out
+    return pids_with_cmdline(b"daemon.backend_main", marker.encode())
 
 
 def _image(path: Path, mib: int) -> Path:

@@ -131,7 +131,8 @@ class Daemon:
         reap(pids)
 
 
-def tagged_pids(tag: str) -> list[int]:
+def pids_with_cmdline(*needles: bytes) -> list[int]:
+    """Pids of processes whose command line contains every needle (DMs, keepers, back-ends of one test)."""
     out = []
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -140,9 +141,14 @@ def tagged_pids(tag: str) -> list[int]:
             cmd = Path(f"/proc/{d}/cmdline").read_bytes()
         except OSError:
             continue
-        if tag.encode() in cmd and b"--control-fd" in cmd:  # DMs, not the daemon (its argv has the tag too)
+        if all(n in cmd for n in needles):
             out.append(int(d))
     return out
+
+
+def tagged_pids(tag: str) -> list[int]:
+    """DMs (and keepers) of the daemon tagged ``tag``; not the daemon itself, whose argv has the tag too."""
+    return pids_with_cmdline(tag.encode(), b"--control-fd")
 
 
 def reap(pids: list[int] | None = None) -> None:
