@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 CDEF = """
 struct kvmdm_ranges { int n; unsigned long long base[256]; unsigned long long end[256]; };
 struct kvmdm_counts { unsigned long long pio_reads, pio_writes, mmio_reads, mmio_writes; };
-int kvmdm_run(int fd, void *run, struct kvmdm_ranges *pio, struct kvmdm_ranges *mmio,
+int kvmdm_run(int fd, void *run, unsigned long run_size, struct kvmdm_ranges *pio, struct kvmdm_ranges *mmio,
               struct kvmdm_counts *counts, long long max_exits);
 """
 
@@ -55,7 +55,7 @@ static int claimed(const struct kvmdm_ranges *r, unsigned long long addr, unsign
 
 /* Returns 0 when an exit needs Python (kvm_run describes it), -errno when KVM_RUN failed (EINTR: a kick), 1 when
    max_exits trivial exits were handled (so Python regains control now and then). */
-int kvmdm_run(int fd, void *runp, struct kvmdm_ranges *pio, struct kvmdm_ranges *mmio,
+int kvmdm_run(int fd, void *runp, unsigned long run_size, struct kvmdm_ranges *pio, struct kvmdm_ranges *mmio,
               struct kvmdm_counts *counts, long long max_exits) {
     struct kvm_run *run = runp;
     for (long long i = 0; i < max_exits; i++) {
@@ -63,7 +63,8 @@ int kvmdm_run(int fd, void *runp, struct kvmdm_ranges *pio, struct kvmdm_ranges 
             return -errno;
         if (run->exit_reason == KVM_EXIT_IO) {
             unsigned long long n = (unsigned long long)run->io.size * run->io.count;
-            if (n == 0 || run->io.data_offset + n > 4096 || claimed(pio, run->io.port, run->io.size))
+            /* The data area is in the mapping (KVM puts it on the page after struct kvm_run). */
+            if (n == 0 || run->io.data_offset + n > run_size || claimed(pio, run->io.port, run->io.size))
                 return 0;
             if (run->io.direction == KVM_EXIT_IO_IN) {
                 memset((char *)run + run->io.data_offset, 0xff, n);
@@ -139,12 +140,13 @@ AVAILABLE = _MOD is not None
 class FastRunner:
     """Per-vCPU state for kvmdm_run: the claimed-range tables (refreshed when the buses change) and counters."""
 
-    def __init__(self, vcpu_fd: int, run_addr: int) -> None:
+    def __init__(self, vcpu_fd: int, run_addr: int, run_size: int) -> None:
         assert _MOD is not None
         ffi, lib = _MOD.ffi, _MOD.lib
         self._lib = lib
         self._fd = vcpu_fd
         self._run = ffi.cast("void *", run_addr)
+        self._run_size = run_size
         self._pio: Any = ffi.new("struct kvmdm_ranges *")
         self._mmio: Any = ffi.new("struct kvmdm_ranges *")
         self.counts: Any = ffi.new("struct kvmdm_counts *")
@@ -167,4 +169,5 @@ class FastRunner:
 
     def run(self, max_exits: int = 1 << 20) -> int:
         """0: an exit for Python is in kvm_run; 1: budget used up; -errno: KVM_RUN failed (-EINTR: kicked)."""
-        return int(self._lib.kvmdm_run(self._fd, self._run, self._pio, self._mmio, self.counts, max_exits))
+        return int(self._lib.kvmdm_run(self._fd, self._run, self._run_size, self._pio, self._mmio, self.counts,
+                                       max_exits))

@@ -185,7 +185,7 @@ class VcpuThread(threading.Thread):
     def _fast_runner(vcpu: Vcpu, pio: IoBus, mmio: IoBus) -> fastrun.FastRunner | None:
         if not fastrun.AVAILABLE or not all(hasattr(b, "generation") and hasattr(b, "ranges") for b in (pio, mmio)):
             return None
-        return fastrun.FastRunner(vcpu.fd, vcpu.run_address())
+        return fastrun.FastRunner(vcpu.fd, vcpu.run_address(), len(vcpu.run_mmap))
 
     def _account_fast(self, fast: fastrun.FastRunner, pio: IoBus, mmio: IoBus) -> None:
         """Hand the C loop's unclaimed-access counts to the buses' stats (deltas since the last call)."""
