@@ -311,6 +311,12 @@ class Vmm:
     def close(self) -> None:
         if any(t.is_alive() for t in self.state.threads):
             self.stop()
+        stuck = [t.name for t in self.state.threads if t.is_alive()]
+        if stuck:
+            # Closing the vCPU fds under a running KVM_RUN would let the fd numbers be reused under it: keep the VM
+            # (a leak in a process that is going away anyway) rather than risk running someone else's vCPU.
+            log.error("vCPU threads %s did not stop within 5 s; leaving the VM open", ", ".join(stuck))
+            return
         for dev in self.virtio_devices:
             dev.close()
         self.vm.close()

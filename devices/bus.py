@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from devices.ratelimit import RateLimitedLog
@@ -58,7 +59,10 @@ class Bus:
         self.limit = limit  # one past the highest valid address (0x10000 for port I/O, 2**64 for MMIO)
         self._bases: list[int] = []
         self._entries: list[tuple[int, int, BusDevice]] = []  # (base, end, device), sorted by base
-        self.stats = BusStats()
+        self._stats = BusStats()
+        # Counters kept elsewhere (a vCPU's C fast path, kvmcore.fastrun, answers unclaimed accesses itself):
+        # callables returning (unclaimed reads, unclaimed writes) so far, folded into ``stats`` when it is read.
+        self._sources: list[Callable[[], tuple[int, int]]] = []
         self._log = RateLimitedLog(log, per_second=5)
         # Bumped on every insert/remove, so a vCPU's C fast path (kvmcore.fastrun) knows to refresh its table.
         self.generation = 0
@@ -98,22 +102,31 @@ class Bus:
         """Claimed [base, end) ranges in address order."""
         return [(b, e) for b, e, _d in self._entries]
 
-    def add_unclaimed(self, reads: int, writes: int) -> None:
-        """Account accesses the vCPU's C fast path answered for us (all-ones reads, dropped writes)."""
-        self.stats.reads += reads
-        self.stats.writes += writes
-        self.stats.unclaimed_reads += reads
-        self.stats.unclaimed_writes += writes
+    def add_counter_source(self, source: Callable[[], tuple[int, int]]) -> None:
+        """Count accesses answered elsewhere (all-ones reads, dropped writes) as this bus's unclaimed ones."""
+        self._sources.append(source)
+
+    @property
+    def stats(self) -> BusStats:
+        st = self._stats
+        if not self._sources:
+            return st
+        r = w = 0
+        for source in self._sources:
+            sr, sw = source()
+            r += sr
+            w += sw
+        return BusStats(st.reads + r, st.writes + w, st.unclaimed_reads + r, st.unclaimed_writes + w)
 
     def devices(self) -> list[tuple[int, int, BusDevice]]:
         return [(b, e - b, d) for b, e, d in self._entries]
 
     def read(self, addr: int, data: memoryview) -> bool:
         """Fill data from the device at addr; all-ones if nobody claims the whole access."""
-        self.stats.reads += 1
+        self._stats.reads += 1
         hit = self.get(addr, len(data))
         if hit is None:
-            self.stats.unclaimed_reads += 1
+            self._stats.unclaimed_reads += 1
             data[:] = b"\xff" * len(data)
             self._log.debug("%s: unclaimed read 0x%x len %d", self.name, addr, len(data))
             return False
@@ -123,10 +136,10 @@ class Bus:
         return True
 
     def write(self, addr: int, data: bytes | memoryview) -> bool:
-        self.stats.writes += 1
+        self._stats.writes += 1
         hit = self.get(addr, len(data))
         if hit is None:
-            self.stats.unclaimed_writes += 1
+            self._stats.unclaimed_writes += 1
             self._log.debug("%s: unclaimed write 0x%x len %d", self.name, addr, len(data))
             return False
         dev, off = hit

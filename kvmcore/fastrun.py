@@ -167,7 +167,10 @@ class FastRunner:
         self._fill(self._mmio, mmio)
         self.generation = generation
 
-    def run(self, max_exits: int = 1 << 20) -> int:
-        """0: an exit for Python is in kvm_run; 1: budget used up; -errno: KVM_RUN failed (-EINTR: kicked)."""
+    def run(self, max_exits: int = 4096) -> int:
+        """0: an exit for Python is in kvm_run; 1: budget used up; -errno: KVM_RUN failed (-EINTR: kicked).
+
+        The budget (~0.1 s of exits on this host) bounds how stale the exit and bus counters can get: they are
+        accounted in Python between calls, and operators watch them (stats, /metrics)."""
         return int(self._lib.kvmdm_run(self._fd, self._run, self._run_size, self._pio, self._mmio, self.counts,
                                        max_exits))

@@ -171,31 +171,32 @@ class VcpuThread(threading.Thread):
         # Fast-path counters, plain ints (cheaper than Counter on the hot path); merged by exit_counts().
         self.fast_io_out = 0
         self.fast_io_in = 0
-        self._c_seen = (0, 0, 0, 0)  # C fast path counts already accounted: pio reads/writes, mmio reads/writes
+        self._fast: fastrun.FastRunner | None = None  # the C loop's state, when it serves this vCPU
 
     def exit_counts(self) -> Counter[str]:
         c = Counter(self.exits)
-        c["IoOut"] += self.fast_io_out + self._c_seen[1]
-        c["IoIn"] += self.fast_io_in + self._c_seen[0]
-        c["MmioRead"] += self._c_seen[2]
-        c["MmioWrite"] += self._c_seen[3]
+        c["IoOut"] += self.fast_io_out
+        c["IoIn"] += self.fast_io_in
+        fast = self._fast
+        if fast is not None:  # read live: a guest may never exit to Python again after its last trivial exit
+            k = fast.counts
+            c["IoIn"] += k.pio_reads
+            c["IoOut"] += k.pio_writes
+            c["MmioRead"] += k.mmio_reads
+            c["MmioWrite"] += k.mmio_writes
         return +c
 
-    @staticmethod
-    def _fast_runner(vcpu: Vcpu, pio: IoBus, mmio: IoBus) -> fastrun.FastRunner | None:
-        if not fastrun.AVAILABLE or not all(hasattr(b, "generation") and hasattr(b, "ranges") for b in (pio, mmio)):
+    def _fast_runner(self, vcpu: Vcpu, pio: IoBus, mmio: IoBus) -> fastrun.FastRunner | None:
+        needed = ("generation", "ranges", "add_counter_source")
+        if not fastrun.AVAILABLE or not all(hasattr(b, a) for b in (pio, mmio) for a in needed):
             return None
-        return fastrun.FastRunner(vcpu.fd, vcpu.run_address(), len(vcpu.run_mmap))
+        fast = fastrun.FastRunner(vcpu.fd, vcpu.run_address(), len(vcpu.run_mmap))
+        k = fast.counts
+        pio.add_counter_source(lambda: (k.pio_reads, k.pio_writes))  # type: ignore[attr-defined]
+        mmio.add_counter_source(lambda: (k.mmio_reads, k.mmio_writes))  # type: ignore[attr-defined]
+        self._fast = fast
+        return fast
 
-    def _account_fast(self, fast: fastrun.FastRunner, pio: IoBus, mmio: IoBus) -> None:
-        """Hand the C loop's unclaimed-access counts to the buses' stats (deltas since the last call)."""
-        c = fast.counts
-        now = (c.pio_reads, c.pio_writes, c.mmio_reads, c.mmio_writes)
-        seen = self._c_seen
-        if now != seen:
-            pio.add_unclaimed(now[0] - seen[0], now[1] - seen[1])  # type: ignore[attr-defined]
-            mmio.add_unclaimed(now[2] - seen[2], now[3] - seen[3])  # type: ignore[attr-defined]
-            self._c_seen = now
 
     def kick(self) -> None:
         if self.vcpu.fd < 0:
@@ -228,12 +229,22 @@ class VcpuThread(threading.Thread):
         # nested host every microsecond of Python per exit shows (bench/exits.py), so single-element port I/O
         # is dispatched straight from the kvm_run page without building a typed exit. Everything else takes
         # the typed path through parse_exit/handle_exit.
+        fast = self._fast_runner(vcpu, pio, mmio)
+        # Our own export of the kvm_run mapping: Vcpu.close() cannot unmap it while this loop (and the C loop,
+        # which holds a raw pointer into it) still runs; the mapping goes when this view does.
+        guard = memoryview(vcpu.run_mmap)
+        try:
+            self._run_loop(vcpu, state, lock, counts, pio, mmio, fast)
+        finally:
+            guard.release()
+
+    def _run_loop(self, vcpu: Vcpu, state: VmRunState, lock: threading.Lock, counts: Counter[str], pio: IoBus,
+                  mmio: IoBus, fast: fastrun.FastRunner | None) -> None:
         fd, run_mm, view = vcpu.fd, vcpu.run_mmap, vcpu.run_view
         page = len(view)
         ioctl, kvm_run = fcntl.ioctl, abi.KVM_RUN
         reason_at, io_at = _REASON.unpack_from, _IO.unpack_from
         exit_io = abi.KVM_EXIT_IO
-        fast = self._fast_runner(vcpu, pio, mmio)
         while state.stop_reason is None:
             if state.paused:
                 state.park_if_paused()
@@ -245,7 +256,6 @@ class VcpuThread(threading.Thread):
                 if gen != fast.generation:
                     fast.set_ranges(pio.ranges(), mmio.ranges(), gen)  # type: ignore[attr-defined]
                 rc = fast.run()
-                self._account_fast(fast, pio, mmio)
                 if rc == 1:
                     continue
                 if rc < 0:
