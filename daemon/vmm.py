@@ -14,7 +14,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from devices.bus import Bus, BusDevice, mmio_bus, pio_bus
@@ -136,11 +136,6 @@ class _PciPlatformAdapter:
 
     def intx(self, level: bool) -> None:
         self.vmm.vm.irq_line(self.intx_gsi, 1 if level else 0)
-
-
-@dataclass
-class VmmStats:
-    exits: Counter[str] = field(default_factory=Counter)
 
 
 class Vmm:

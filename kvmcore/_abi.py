@@ -412,4 +412,4 @@ API_VERSION = 12
 
 # Names for error messages: KvmError carries the ioctl's name, found here by number.
 IOCTL_NAMES = {v: k for k, v in dict(globals()).items() if k.startswith("KVM_") and isinstance(v, int)
-               and (v >> 8) & 0xFF == KVMIO and k not in ("KVM_NR_INTERRUPTS",)}
+               and (v >> 8) & 0xFF == KVMIO}

@@ -225,10 +225,6 @@ class VcpuThread(threading.Thread):
 
     def _loop(self, vcpu: Vcpu, state: VmRunState, lock: threading.Lock, counts: Counter[str], pio: IoBus,
               mmio: IoBus) -> None:
-        # Port I/O is the hot exit (UART, PCI config, guests' doorbells before ioeventfds exist): on this
-        # nested host every microsecond of Python per exit shows (bench/exits.py), so single-element port I/O
-        # is dispatched straight from the kvm_run page without building a typed exit. Everything else takes
-        # the typed path through parse_exit/handle_exit.
         fast = self._fast_runner(vcpu, pio, mmio)
         # Our own export of the kvm_run mapping: Vcpu.close() cannot unmap it while this loop (and the C loop,
         # which holds a raw pointer into it) still runs; the mapping goes when this view does.
@@ -240,6 +236,10 @@ class VcpuThread(threading.Thread):
 
     def _run_loop(self, vcpu: Vcpu, state: VmRunState, lock: threading.Lock, counts: Counter[str], pio: IoBus,
                   mmio: IoBus, fast: fastrun.FastRunner | None) -> None:
+        # Port I/O is the hot exit (UART, PCI config, guests' doorbells before ioeventfds exist): on this
+        # nested host every microsecond of Python per exit shows (bench/exits.py), so single-element port I/O
+        # is dispatched straight from the kvm_run page without building a typed exit. Everything else takes
+        # the typed path through parse_exit/handle_exit.
         fd, run_mm, view = vcpu.fd, vcpu.run_mmap, vcpu.run_view
         page = len(view)
         ioctl, kvm_run = fcntl.ioctl, abi.KVM_RUN
