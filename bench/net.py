@@ -32,6 +32,7 @@ from bench.ablation import (
     _task_times,
     net_device,
     net_result,
+    release_blaster,
     run_guest,
     start_blaster,
     stop_blaster,
@@ -49,7 +50,8 @@ def measure_kvmdm(elf: Path, workdir: Path, tx: int, rx: int, size: int) -> dict
         blaster = start_blaster(ifname, size) if rx else None
         before = tap_counters(ifname)
         try:
-            phases, text = run_guest(elf, f"tx={tx} rx={rx} size={size}", dev, pids)
+            phases, text = run_guest(elf, f"tx={tx} rx={rx} size={size}", dev, pids,
+                                     on_rx_phase=lambda: release_blaster(blaster))
         finally:
             stop_blaster(blaster)
         seen = tap_counters(ifname) - before
@@ -79,6 +81,8 @@ def measure_qemu(elf: Path, tx: int, rx: int, size: int, timeout: float = 600) -
                 for c in chunk:
                     if c in b"<>":
                         marks.append((now, sum(_task_times(proc.pid).values())))
+                        if len(marks) == 3:  # the second '<': the rx phase begins
+                            release_blaster(blaster)
                 text += chunk
             proc.wait()
         finally:

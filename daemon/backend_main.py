@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     net.add_argument("--tap", required=True, help="tap interface to attach to (created if missing)")
     net.add_argument("--mac", help="guest MAC address (default: random 52:54:00:xx:xx:xx)")
     net.add_argument("--queue-size", type=int, default=256)
+    net.add_argument("--engine", choices=("c", "python"),
+                     help="per-frame loop: C (default when it builds) or the Python reference")
     return p
 
 
@@ -85,7 +87,7 @@ def _open_net(args: argparse.Namespace) -> tuple[VirtioDevice, list[int]]:
     mac = _parse_mac(args.mac)
     _ifname, fd = tap.open_tap(args.tap)  # needs CAP_NET_ADMIN unless the tap is ours: before the jail
     try:
-        dev = pv_net.Net(fd, mac, queue_size=args.queue_size)
+        dev = pv_net.Net(fd, mac, queue_size=args.queue_size, engine=args.engine)
     except BaseException:
         os.close(fd)
         raise

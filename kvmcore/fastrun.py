@@ -14,17 +14,12 @@ filesystem. If it cannot be built, kvmdm runs the pure-Python loop and says so o
 
 from __future__ import annotations
 
-import hashlib
-import importlib.machinery
-import importlib.util
 import logging
 import os
-import sys
-import sysconfig
-import tempfile
-from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from kvmcore import cext
 
 log = logging.getLogger(__name__)
 
@@ -95,39 +90,11 @@ int kvmdm_run(int fd, void *runp, unsigned long run_size, struct kvmdm_ranges *p
 MAX_RANGES = 256
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("KVMDM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kvmdm")
-    return Path(base) / "fastrun"
-
-
-def _build() -> ModuleType:
-    from cffi import FFI
-
-    tag = hashlib.sha256((CDEF + SOURCE + sys.version).encode()).hexdigest()[:16]
-    name = f"_kvmdm_fastrun_{tag}"
-    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    target = _cache_dir() / (name + suffix)
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        ffi = FFI()
-        ffi.cdef(CDEF)
-        ffi.set_source(name, SOURCE)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(ffi.compile(tmpdir=tmp, verbose=False))
-            os.replace(built, target)  # atomic: concurrent builders never load a half-written file
-    loader = importlib.machinery.ExtensionFileLoader(name, str(target))
-    spec = importlib.util.spec_from_file_location(name, str(target), loader=loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
 def _load() -> ModuleType | None:
     if os.environ.get("KVMDM_NO_FASTRUN") == "1":
         return None
     try:
-        return _build()
+        return cext.build("fastrun", CDEF, SOURCE)
     except Exception as e:  # no compiler, no headers, read-only cache: the Python loop is the reference anyway
         log.warning("C fast path unavailable, using the Python vCPU loop only: %s", e)
         return None

@@ -186,6 +186,11 @@ class GuestMemory:
             out.append(MemorySlot(i, r.gpa, r.size, addr, r.fd, r.fd_offset))
         return out
 
+    def host_views(self) -> list[tuple[int, memoryview]]:
+        """(gpa, writable view of the whole region) per region, for a C data path (pv.netring) that applies the
+        same one-region rule to every buffer itself. Holding a view pins the mapping: close() cannot unmap it."""
+        return [(r.gpa, memoryview(r.mm)) for r in self._regions]
+
     # ----------------------------------------------------------------- checking
     def _find(self, gpa: int, length: int) -> tuple[_Region, int]:
         """Region and offset for a range that must lie inside one region; raises otherwise."""

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from devices.ratelimit import RateLimitedLog
 from kvmcore.memory import GuestMemory, GuestMemoryError
-from pv import tap
+from pv import netring, tap
 from pv.device import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
@@ -133,6 +133,19 @@ class RxBufferTooSmall(NetGuestError):
     )
 
 
+ENGINES = ("c", "python")
+
+
+def resolve_engine(engine: str | None) -> str:
+    """The per-frame engine: ``engine``, else $KVMDM_NET_ENGINE, else C when it could be built."""
+    choice = engine or os.environ.get("KVMDM_NET_ENGINE") or ("c" if netring.AVAILABLE else "python")
+    if choice not in ENGINES:
+        raise ValueError(f"virtio-net engine must be one of {', '.join(ENGINES)}, got {choice!r}")
+    if choice == "c" and not netring.AVAILABLE:
+        raise ValueError("virtio-net engine 'c' is not available here (see the warning about pv.netring)")
+    return choice
+
+
 def offload_flags(features: int) -> int:
     """TUN_F_* flags matching the guest offloads in ``features`` (TSO only with checksum offload, as tun requires)."""
     flags = 0
@@ -170,6 +183,9 @@ class NetEngine:
 
     ``process_tx``/``process_rx`` return what the loop must wait for next. Guest errors propagate as
     VirtqueueError/GuestMemoryError (the loop turns them into NEEDS_RESET).
+
+    ``engine="c"`` serves frames with pv.netring's C loop; any chain it does not take (every guest error, and the
+    unusual) comes back here and goes through the Python path below, which stays the reference.
     """
 
     def __init__(
@@ -181,6 +197,7 @@ class NetEngine:
         metrics: NetMetrics,
         *,
         budget: int = DEFAULT_BUDGET,
+        engine: str = "python",
     ) -> None:
         self.rxq = rxq
         self.txq = txq
@@ -206,6 +223,13 @@ class NetEngine:
         self._rx_held: list[DescriptorChain] = []  # chains popped for the waiting frame (mergeable)
         self.rx_waiting_for_buffers = False
         self.tx_waiting_for_tap = False
+        self.ring: netring.RingEngine | None = None
+        if engine == "c":
+            self.ring = netring.RingEngine(rxq.mem, rxq, txq)
+            self.ring.set_tx_gso(self._tx_gso)
+            self._bounce_c = self.ring.ffi.from_buffer(self._bounce)
+        elif engine != "python":
+            raise ValueError(f"engine must be 'c' or 'python', got {engine!r}")
 
     # ----------------------------------------------------------------- tx (§5.1.6.2)
     def process_tx(self) -> bool:
@@ -215,26 +239,40 @@ class NetEngine:
         budget = self.budget
         self.tx_waiting_for_tap = False
         more = False
-        while True:
-            q.disable_notification()
-            while budget:
-                chain = q.pop()
-                if chain is None:
+        ring = self.ring
+        try:
+            while True:
+                q.disable_notification()
+                while budget:
+                    if ring is not None:
+                        status, done = ring.tx(self.fd, budget, self._tx_csum, MAX_TX_BYTES)
+                        budget -= done
+                        if status == netring.TAP_BLOCKED:
+                            self.tx_waiting_for_tap = True
+                            m.tx_waits += 1
+                            break
+                        if status != netring.DEFER:
+                            break  # EMPTY, or BUDGET with budget now 0
+                    chain = q.pop()  # the Python path: a chain C deferred, or every chain without C
+                    if chain is None:
+                        break
+                    if not self._send(chain):
+                        q.undo_pop()  # the tap is full: resend this chain when it becomes writable
+                        self.tx_waiting_for_tap = True
+                        m.tx_waits += 1
+                        break
+                    q.add_used(chain.head_index, 0)  # §5.1.6.2: nothing is written into a tx chain
+                    budget -= 1
+                if self.tx_waiting_for_tap:
+                    break  # kicks stay suppressed; tap writability brings us back
+                if not budget:
+                    more = True
                     break
-                if not self._send(chain):
-                    q.undo_pop()  # the tap is full: resend this chain when it becomes writable
-                    self.tx_waiting_for_tap = True
-                    m.tx_waits += 1
+                if not q.enable_notification():
                     break
-                q.add_used(chain.head_index, 0)  # §5.1.6.2: nothing is written into a tx chain
-                budget -= 1
-            if self.tx_waiting_for_tap:
-                break  # kicks stay suppressed; tap writability brings us back
-            if not budget:
-                more = True
-                break
-            if not q.enable_notification():
-                break
+        finally:
+            if ring is not None:
+                self._merge_ring_stats(ring)
         if q.signal_used():
             m.tx_notifications += 1
         return more
@@ -291,37 +329,70 @@ class NetEngine:
         budget = self.budget
         more = tap_empty = False
         self.rx_waiting_for_buffers = False
-        while True:
-            q.disable_notification()
-            while budget:
-                if not self._rx_len:
-                    if not self._rx_held and q.avail_pending() == 0:
+        ring = self.ring
+        try:
+            while True:
+                q.disable_notification()
+                while budget:
+                    if ring is not None and not self._rx_held:
+                        status, done, self._rx_len = ring.rx(
+                            self.fd, budget, self.mergeable, self._rx_flags_mask, self._bounce_c,
+                            len(self._bounce), self._rx_len,
+                        )
+                        budget -= done
+                        if status == netring.EMPTY:
+                            tap_empty = True
+                            break
+                        if status == netring.BUDGET:
+                            break
+                        if status == netring.NEED_BUFFERS and not self._rx_len:
+                            self.rx_waiting_for_buffers = True
+                            break
+                        # DEFER, or a frame waiting for more buffers than are posted: one packet the Python way
+                        # (it raises the guest's error, or holds the chains posted so far, as the reference does).
+                    if not self._rx_len:
+                        if not self._rx_held and q.avail_pending() == 0:
+                            self.rx_waiting_for_buffers = True
+                            break  # no buffer: leave the frame in the kernel (backpressure, not a drop)
+                        n = self._read_tap()
+                        if n == 0:
+                            tap_empty = True
+                            break
+                        self._rx_len = n
+                    if not self._deliver():
                         self.rx_waiting_for_buffers = True
-                        break  # no buffer: leave the frame in the kernel (backpressure, not a drop)
-                    n = self._read_tap()
-                    if n == 0:
-                        tap_empty = True
                         break
-                    self._rx_len = n
-                if not self._deliver():
-                    self.rx_waiting_for_buffers = True
+                    budget -= 1
+                if tap_empty:
                     break
-                budget -= 1
-            if tap_empty:
-                break
-            if self.rx_waiting_for_buffers:
-                # Re-arm kicks, then re-check (§2.7.10): buffers that arrived meanwhile are served now.
-                if q.enable_notification():
-                    self.rx_waiting_for_buffers = False
-                    continue
-                m.rx_waits += 1
-                break
-            if not budget:
-                more = True
-                break
+                if self.rx_waiting_for_buffers:
+                    # Re-arm kicks, then re-check (§2.7.10): buffers that arrived meanwhile are served now.
+                    if q.enable_notification():
+                        self.rx_waiting_for_buffers = False
+                        continue
+                    m.rx_waits += 1
+                    break
+                if not budget:
+                    more = True
+                    break
+        finally:
+            if ring is not None:
+                self._merge_ring_stats(ring)
         if q.signal_used():
             m.rx_notifications += 1
         return more, tap_empty
+
+    def close(self) -> None:
+        """Drop the C engine's pins on guest memory (only once no thread runs this engine)."""
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+
+    def _merge_ring_stats(self, ring: netring.RingEngine) -> None:
+        m = self.metrics
+        for name, value in ring.take_stats().items():
+            if value:
+                setattr(m, name, getattr(m, name) + value)
 
     def _read_tap(self) -> int:
         """One frame (header + data) into the bounce buffer; 0 if none is waiting."""
@@ -423,7 +494,8 @@ class Net(VirtioDevice):
 
     device_type = VIRTIO_ID_NET
 
-    def __init__(self, tap_fd: int, mac: bytes, *, queue_size: int = 256, budget: int = DEFAULT_BUDGET) -> None:
+    def __init__(self, tap_fd: int, mac: bytes, *, queue_size: int = 256, budget: int = DEFAULT_BUDGET,
+                 engine: str | None = None) -> None:
         if len(mac) != 6:
             raise ValueError(f"mac must be 6 bytes, got {len(mac)}")
         if mac[0] & 1:
@@ -431,6 +503,7 @@ class Net(VirtioDevice):
         if not (2 <= queue_size <= MAX_QUEUE_SIZE and queue_size & (queue_size - 1) == 0):
             raise ValueError(f"queue_size must be a power of two in 2..{MAX_QUEUE_SIZE}, got {queue_size}")
         os.fstat(tap_fd)  # fail fast on a closed fd (host error)
+        self.engine_kind = resolve_engine(engine)
         self.tap_fd = tap_fd
         self.mac = bytes(mac)
         self.queue_max_sizes = (queue_size, queue_size)
@@ -528,20 +601,22 @@ class Net(VirtioDevice):
                 log.warning("virtio-net: TUNSETOFFLOAD failed: %s", e)
         self.engine = NetEngine(
             by_index[RX_QUEUE], by_index[TX_QUEUE], self.tap_fd, self.acked_features, self.metrics,
-            budget=self.budget,
+            budget=self.budget, engine=self.engine_kind,
         )
         self._loop = _NetLoop(self.engine, self.tap_fd, health, self.metrics)
         self._loop.start()
 
     def reset(self) -> None:
         loop, self._loop = self._loop, None
-        self.engine = None
+        engine, self.engine = self.engine, None
         if loop is not None:
             own = loop.in_thread()
             loop.stop()
             if own:
                 self._queues = []  # the thread still holds ring views until it unwinds; GC frees them
                 return
+        if engine is not None:
+            engine.close()
         self._close_queues()
         if self.is_tap:
             try:

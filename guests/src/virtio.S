@@ -15,7 +15,9 @@
  *   vio_driver_ok(rdi = dev) -> eax = device status read back after setting DRIVER_OK (step 8).
  *   vio_add(rdi = vq, rsi = struct vio_sg[], edx = count) -> eax = head descriptor index, or -1 if count is
  *       0 or larger than the queue. Makes the chain available (§2.7.13) without notifying.
- *   vio_kick(rdi = vq): notify the device of queue vq (§4.1.5.2: write the queue index to its notify address).
+ *   vio_kick(rdi = vq): notify the device of queue vq (§4.1.5.2: write the queue index to its notify address),
+ *       unless the device asked not to be notified (VIRTQ_USED_F_NO_NOTIFY in the used ring's flags, §2.7.10)
+ *       and vio_kick_always is 0.
  *   vio_get(rdi = vq) -> rax = head index of the next used element, or -1 if there is none; edx = used length.
  *   vio_wait(rdi = vq, rsi = timeout in TSC ticks, 0 = VIO_TIMEOUT_TSC) -> like vio_get, -1 on timeout.
  *   vio_cfg_read64(rdi = dev, esi = device cfg offset) -> rax, read as two 32-bit halves under the
@@ -421,11 +423,17 @@ vio_add:
 /* vio_kick(rdi = vq) */
 .globl vio_kick
 vio_kick:
-    mfence                                  /* §2.7.13.4: idx visible before the notification */
+    mfence                                  /* §2.7.13.4: idx visible before the notification, and before the
+                                               flags read below (the device's store-load pairing, §2.7.10) */
+    cmpb $0, vio_kick_always(%rip)
+    jne 2f                                  /* a guest option: notify even so (tests count one exit per kick) */
+    testw $VIRTQ_USED_F_NO_NOTIFY, VQ_USED_PAGE(%rdi)
+    jnz 1f                                  /* §2.7.10.1: flags 1: the driver SHOULD NOT send a notification */
+2:
     movq VQ_NOTIFY(%rdi), %rdx
     movzwl VQ_INDEX(%rdi), %eax
     movw %ax, (%rdx)                        /* §4.1.5.2: the 16-bit queue index */
-    ret
+1:  ret
 
 /* vio_get(rdi = vq) -> rax = used id or -1, edx = used length */
 .globl vio_get
@@ -496,6 +504,12 @@ vio_cfg_read64:
     shlq $32, %rdx
     orq %rdx, %rax
     ret
+
+.data
+/* Non-zero: vio_kick notifies even when the device set VIRTQ_USED_F_NO_NOTIFY (guests set it from `kickall=1`). */
+.globl vio_kick_always
+vio_kick_always:
+    .byte 0
 
 .section .rodata
 /* vio_dev field for cfg_type 1..4 (common, notify, ISR, device). */

@@ -1,7 +1,8 @@
 /*
  * virtio_blk -- a polling virtio-blk driver (virtio 1.2 §5.2) on the shared virtio-pci core (src/virtio.S).
  *
- * Cmdline: `sectors=N` (64, 1..2048), `seed=S` (0), `ro=1` (the disk is read-only: the write must fail).
+ * Cmdline: `sectors=N` (64, 1..2048), `seed=S` (0), `ro=1` (the disk is read-only: the write must fail),
+ * `kickall=1` (notify the device for every request even while it asks not to be, VIRTQ_USED_F_NO_NOTIFY).
  * With a writable disk it writes a pattern derived from (seed, sector, qword index) to sectors [0, N), FLUSHes,
  * reads them back and compares; with ro=1 the write must complete with VIRTIO_BLK_S_IOERR and a read-back
  * must show the sectors do not hold the pattern. Then it prints the text at the start of sectors N..N+7
@@ -58,6 +59,10 @@ guest_main:
     xorl %esi, %esi
     call rt_opt_u64
     movq %rax, %r13                         /* r13 = ro */
+    lea key_kickall(%rip), %rdi
+    xorl %esi, %esi
+    call rt_opt_u64
+    movb %al, vio_kick_always(%rip)         /* kickall=1: notify every request, even when told not to */
     lea key_bench(%rip), %rdi
     xorl %esi, %esi
     call rt_opt_u64
@@ -514,6 +519,7 @@ count_bad_status:
 STRING key_sectors, "sectors"
 STRING key_seed, "seed"
 STRING key_ro, "ro"
+STRING key_kickall, "kickall"
 STRING key_bench, "bench"
 STRING key_mb, "mb"
 STRING key_rand, "rand"

@@ -2,7 +2,8 @@
 
 A SEQPACKET socket keeps message boundaries like a tap does: one message is one "header + frame". The engine
 (``NetEngine``) is driven synchronously for exact assertions; the threaded device (``Net.activate``) is checked
-for kicks, interrupts, backpressure and resets.
+for kicks, interrupts, backpressure and resets. Every test runs twice: with the Python per-frame path (the
+reference) and with pv.netring's C loop.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ def frame(n: int, seed: int = 7) -> bytes:
     return bytes((seed + i * 31) & 0xFF for i in range(n))
 
 
+@pytest.fixture(params=["python", "c"])
+def engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
 def mem() -> Iterator[GuestMemory]:
     m = make_guest_memory(8 << 20)
@@ -90,7 +96,8 @@ def pair() -> Iterator[tuple[int, socket.socket]]:
 class Rig:
     """Driver-side rx/tx mocks, the device-side queues and an engine over them."""
 
-    def __init__(self, mem: GuestMemory, fd: int, features: int, size: int = 16, event_idx: bool = False) -> None:
+    def __init__(self, mem: GuestMemory, fd: int, features: int, size: int = 16, event_idx: bool = False,
+                 engine: str = "python") -> None:
         self.rx = MockSplitQueue(mem, size, base=0x1000, limit=0x400000, seed=3, event_idx=event_idx)
         self.tx = MockSplitQueue(mem, size, base=0x400000, seed=4, index=TX_QUEUE, event_idx=event_idx)
         self.rxq = SplitQueue(mem, self.rx.config())
@@ -98,19 +105,20 @@ class Rig:
         self.rxq.validate()
         self.txq.validate()
         self.metrics = NetMetrics()
-        self.engine = NetEngine(self.rxq, self.txq, fd, features, self.metrics)
+        self.engine = NetEngine(self.rxq, self.txq, fd, features, self.metrics, engine=engine)
 
     def close(self) -> None:
+        self.engine.close()
         self.rxq.close()
         self.txq.close()
 
 
 @pytest.fixture
-def rig_factory(mem: GuestMemory, pair: tuple[int, socket.socket]) -> Iterator[Callable[..., Rig]]:
+def rig_factory(mem: GuestMemory, pair: tuple[int, socket.socket], engine: str) -> Iterator[Callable[..., Rig]]:
     rigs: list[Rig] = []
 
     def make(features: int = MERGE, **kw: object) -> Rig:
-        r = Rig(mem, pair[0], features, **kw)  # type: ignore[arg-type]
+        r = Rig(mem, pair[0], features, engine=engine, **kw)  # type: ignore[arg-type]
         rigs.append(r)
         return r
 
@@ -463,14 +471,14 @@ def test_rx_short_message_without_a_header_is_skipped(
 
 # ------------------------------------------------------------------------------------------- threaded device
 class Live:
-    def __init__(self, mem: GuestMemory, fd: int, features: int | None = None) -> None:
+    def __init__(self, mem: GuestMemory, fd: int, features: int | None = None, engine: str | None = None) -> None:
         self.rx_kick, self.tx_kick, self.rx_call, self.tx_call = (
             os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(4)
         )
         self.rx = MockSplitQueue(mem, 64, base=0x1000, limit=0x400000, kick_fd=self.rx_kick, call_fd=self.rx_call)
         self.tx = MockSplitQueue(mem, 64, base=0x400000, index=1, kick_fd=self.tx_kick, call_fd=self.tx_call)
         self.health = FakeHealth()
-        self.dev = Net(fd, MAC)
+        self.dev = Net(fd, MAC, engine=engine)
         self.dev.ack_features(self.dev.device_features() if features is None else features)
         self.dev.activate(mem, [self.rx.config(), self.tx.config()], self.health)
 
@@ -481,8 +489,8 @@ class Live:
 
 
 @pytest.fixture
-def live(mem: GuestMemory, pair: tuple[int, socket.socket]) -> Iterator[Live]:
-    lv = Live(mem, pair[0])
+def live(mem: GuestMemory, pair: tuple[int, socket.socket], engine: str) -> Iterator[Live]:
+    lv = Live(mem, pair[0], engine=engine)
     yield lv
     lv.close()
 
@@ -635,10 +643,11 @@ def test_fuzz_arbitrary_rings_only_ever_raise_guest_errors(
     heads: list[int],
     frames: list[int],
     features: int,
+    engine: str,
 ) -> None:
     while readable(pair[0]):
         os.read(pair[0], 1 << 17)
-    rig = Rig(mem, pair[0], features)
+    rig = Rig(mem, pair[0], features, engine=engine)
     try:
         for mock in (rig.rx, rig.tx):
             for i, (addr, ln, fl, nx) in enumerate(descs):
@@ -670,9 +679,9 @@ def test_fuzz_arbitrary_rings_only_ever_raise_guest_errors(
     frames=st.lists(st.integers(14, 3000), min_size=1, max_size=5),
 )
 def test_fuzz_mergeable_rx_reassembles_every_frame_exactly(
-    mem: GuestMemory, pair: tuple[int, socket.socket], sizes: list[int], frames: list[int]
+    mem: GuestMemory, pair: tuple[int, socket.socket], sizes: list[int], frames: list[int], engine: str
 ) -> None:
-    rig = Rig(mem, pair[0], MERGE, size=64)
+    rig = Rig(mem, pair[0], MERGE, size=64, engine=engine)
     try:
         sent = [frame(n, seed=n) for n in frames]
         for f in sent:
