@@ -359,6 +359,7 @@ int kn_rx(struct kn_vq *q, const struct kn_mem *m, int fd, int budget, int merge
             q->next_avail = start;
             *rx_len = 0;
             budget--;
+            (*done)++; /* a dropped frame uses budget, as in the Python path */
             continue;
         }
         bounce[0] &= flags_mask; /* 5.1.6.4: without GUEST_CSUM flags are zero */
@@ -497,7 +498,7 @@ class RingEngine:
 
     def rx(self, fd: int, budget: int, mergeable: bool, flags_mask: int, bounce: Any, bounce_size: int,
            rx_len: int) -> tuple[int, int, int]:
-        """(status, frames delivered, rx_len after)."""
+        """(status, frames consumed from the budget (delivered or dropped), rx_len after)."""
         self.rxq.load()
         self.rx_len[0] = rx_len
         try:

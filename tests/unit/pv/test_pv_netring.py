@@ -78,12 +78,13 @@ class World:
         self.metrics = NetMetrics()
         self.engine = NetEngine(self.rxq, self.txq, a.fileno(), features, self.metrics, budget=8, engine=engine)
         self.errors: list[str] = []
+        self.returned: list[object] = []
 
     def step(self, fn: str) -> None:
         if self.errors:
             return  # a real device stops at its first guest error (NEEDS_RESET)
         try:
-            getattr(self.engine, fn)()
+            self.returned.append(getattr(self.engine, fn)())  # what the loop waits for next must match too
         except (VirtqueueError, GuestMemoryError) as e:
             self.errors.append(type(e).__name__)
 
@@ -99,6 +100,7 @@ class World:
         eng = self.engine
         return {
             "errors": self.errors,
+            "returned": self.returned,
             "sent": self.sent(),
             "memory": self.mem.read(0, MEM),
             "metrics": asdict(self.metrics),
