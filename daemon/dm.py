@@ -190,6 +190,7 @@ class DeviceModel:
         """``attach_backend {"device": i}`` with a connected socket (control.py checked: one fd, a unix stream
         socket, i in 0..63): the daemon restarted that device's back-end; switch the device over to it."""
         sock = socket.socket(fileno=fd)
+        dev = None
         try:
             i = args["device"]
             if cmd != "attach_backend" or not 0 <= i < len(self.vhost_devices):
@@ -197,9 +198,13 @@ class DeviceModel:
                                  f"{len(self.vhost_devices)})")
             if self.vmm is None:
                 raise RuntimeError("the guest is not running yet")
-            resumed = self.vhost_devices[i].reattach(sock)
+            dev = self.vhost_devices[i]
+            resumed = dev.reattach(sock)
         except BaseException:
-            sock.close()
+            # A re-attach that failed after switching over keeps the socket (its watcher waits on it for the
+            # grace period): closing it here left that watcher selecting on a closed fd, and no NEEDS_RESET came.
+            if dev is None or dev.sock is not sock:
+                sock.close()
             raise
         return {"device": i, "resumed": resumed}
 

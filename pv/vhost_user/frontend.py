@@ -299,7 +299,10 @@ class VhostUserDevice(VirtioDevice):
             epoch = self._epoch
 
         def run() -> None:
-            r, _, _ = select.select([sock_fd, stop_fd], [], [])
+            try:
+                r, _, _ = select.select([sock_fd, stop_fd], [], [])
+            except (OSError, ValueError):
+                r = []  # the socket is gone: as good as a hang-up (the grace period still applies)
             if stop_fd in r:
                 return
             log.warning("vhost-user back-end hung up while its rings were running; waiting %.1f s for a "
