@@ -23,11 +23,13 @@ def cache_dir(kind: str) -> Path:
     return Path(base) / kind
 
 
-def build(kind: str, cdef: str, source: str, *, extra_compile_args: tuple[str, ...] = ()) -> ModuleType:
+def build(kind: str, cdef: str, source: str, *, extra_compile_args: tuple[str, ...] = (),
+          extra_link_args: tuple[str, ...] = ()) -> ModuleType:
     """Compile (once) and load the extension ``_kvmdm_<kind>_<hash>``. Raises on any build failure."""
     from cffi import FFI
 
-    tag = hashlib.sha256((cdef + source + sys.version + repr(extra_compile_args)).encode()).hexdigest()[:16]
+    key = cdef + source + sys.version + repr(extra_compile_args) + repr(extra_link_args)
+    tag = hashlib.sha256(key.encode()).hexdigest()[:16]
     name = f"_kvmdm_{kind}_{tag}"
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     target = cache_dir(kind) / (name + suffix)
@@ -35,7 +37,8 @@ def build(kind: str, cdef: str, source: str, *, extra_compile_args: tuple[str, .
         target.parent.mkdir(parents=True, exist_ok=True)
         ffi = FFI()
         ffi.cdef(cdef)
-        ffi.set_source(name, source, extra_compile_args=list(extra_compile_args))
+        ffi.set_source(name, source, extra_compile_args=list(extra_compile_args),
+                       extra_link_args=list(extra_link_args))
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(ffi.compile(tmpdir=tmp, verbose=False))
             os.replace(built, target)  # atomic: concurrent builders never load a half-written file

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -62,14 +65,14 @@ def test_engine_choice_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class World:
-    def __init__(self, engine: str, features: int) -> None:
+    def __init__(self, engine: str, features: int, qsize: int = QSIZE) -> None:
         self.mem: GuestMemory = make_guest_memory(MEM)
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         a.setblocking(False)
         b.setblocking(False)
         self.dev_sock, self.peer = a, b
-        self.rx = MockSplitQueue(self.mem, QSIZE, base=0x1000, limit=0x200000, seed=3, max_gap=64)
-        self.tx = MockSplitQueue(self.mem, QSIZE, base=0x200000, limit=MEM, seed=4, index=TX_QUEUE, max_gap=64)
+        self.rx = MockSplitQueue(self.mem, qsize, base=0x1000, limit=0x200000, seed=3, max_gap=64)
+        self.tx = MockSplitQueue(self.mem, qsize, base=0x200000, limit=MEM, seed=4, index=TX_QUEUE, max_gap=64)
         indirect = bool(features & (1 << VIRTIO_F_INDIRECT_DESC))
         self.rxq = SplitQueue(self.mem, self.rx.config(), indirect=indirect)
         self.txq = SplitQueue(self.mem, self.tx.config(), indirect=indirect)
@@ -188,7 +191,9 @@ def _build(w: World, raw: list[tuple[int, int, int, int, int]], raw_heads: list[
         put_raw()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# KVMDM_FUZZ_EXAMPLES=20000 for a deep run (a few minutes); CI runs the default.
+@settings(max_examples=int(os.environ.get("KVMDM_FUZZ_EXAMPLES", "300")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(
     features=st.sampled_from(FEATURES),
     raw=st.lists(_raw, max_size=8),
@@ -236,6 +241,54 @@ def test_c_loop_and_python_path_leave_identical_traces(
     py, c = outcomes
     for key in py:
         assert c[key] == py[key], key
+
+
+def test_chains_beyond_the_c_loops_limits_are_served_by_the_python_path_identically(worlds: list[World]) -> None:
+    """Over 64 buffers in a chain, an indirect table over 256 entries, a frame needing over 64 rx chains: the C
+    loop's fixed arrays must never overflow (the sanitizer run below checks that too); it defers, Python serves."""
+    hdr = NET_HDR.pack(0, 0, 0, 0, 0, 0, 0)
+    outcomes = []
+    for engine in ("python", "c"):
+        w = World(engine, FEATURES[3], qsize=512)
+        worlds.append(w)
+        payload = bytes(i & 0xFF for i in range(1400))
+        w.tx.add_chain([hdr] + [payload[i : i + 14] for i in range(0, 1400, 14)])  # 101 direct buffers
+        w.tx.add_chain([hdr] + [payload[i : i + 5] for i in range(0, 1400, 5)], indirect=True)  # 281 entries
+        w.tx.add_chain([hdr, payload[:60]])  # and an ordinary one after them
+        for _ in range(200):
+            w.rx.add_chain([20])  # mergeable: a 3000-byte frame needs 150 of these
+        w.peer.send(hdr + payload * 2 + payload[:200])
+        w.peer.send(hdr + payload[:100])
+        for _ in range(4):
+            w.step("process_tx")
+            w.step("process_rx")
+        outcomes.append(w.outcome())
+    py, c = outcomes
+    assert not py["errors"] and py["metrics"]["tx_packets"] == 3 and py["metrics"]["rx_packets"] == 2
+    for key in py:
+        assert c[key] == py[key], key
+
+
+def test_the_c_loop_under_address_and_undefined_behaviour_sanitizers() -> None:
+    """This file again, in a child whose C loop is built with -fsanitize=address,undefined and libasan preloaded:
+    an out-of-bounds access to the loop's own arrays or the bounce buffer, or undefined arithmetic, aborts it.
+    (Guest-memory bounds are the loop's region check, which the differential test covers: ASan does not track
+    the memfd mapping.)"""
+    if os.environ.get("KVMDM_NETRING_SANITIZE") == "1":
+        pytest.skip("already the sanitizer run")
+    libs = []
+    for lib in ("libasan.so", "libubsan.so"):
+        path = subprocess.run(["gcc", f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
+        if not os.path.isabs(path):
+            pytest.fail(f"gcc has no {lib} (scripts/setup installs gcc): {path!r}")
+        libs.append(path)
+    env = dict(os.environ, KVMDM_NETRING_SANITIZE="1", LD_PRELOAD=":".join(libs),
+               ASAN_OPTIONS="detect_leaks=0:abort_on_error=1", UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-W", "ignore", __file__,
+                        "-k", "not sanitizers"], env=env, capture_output=True, text=True, timeout=900,
+                       cwd=Path(__file__).resolve().parents[3])
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[:4000])  # the sanitizer report comes first
+    assert " passed" in r.stdout and "failed" not in r.stdout
 
 
 def test_a_long_stream_through_the_c_loop_is_exact(worlds: list[World]) -> None:
