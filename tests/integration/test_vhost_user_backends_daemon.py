@@ -304,8 +304,12 @@ def test_restarted_daemon_adopts_running_backends_and_still_restarts_them(
     os.kill(_backend_child(keeper), signal.SIGKILL)  # not the new daemon's child: noticed through its pidfd
     b = wait_until(lambda: (x := _health_backend(daemon, "ad"))["restarts"] == 1 and x["state"] == "running"
                    and x, 10)
-    ev = [e["event"] for e in daemon.json("GET", "/v1/guests/ad/events")["events"]]
-    assert any("re-attached to the DM (no rings resumed)" in e for e in ev), ev
+    # The back-end shows "running" as soon as it is spawned, before the DM has taken it: wait for that event.
+    def reattached() -> bool:
+        ev = [e["event"] for e in daemon.json("GET", "/v1/guests/ad/events")["events"]]
+        return any("re-attached to the DM (no rings resumed)" in e for e in ev)
+
+    wait_until(reattached, 10)
     daemon.json("DELETE", "/v1/guests/ad")
     wait_until(lambda: backend_pids(str(daemon.runtime_dir)) == [], 5)
 
