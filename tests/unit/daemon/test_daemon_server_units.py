@@ -97,6 +97,21 @@ def test_systemd_units_verify_and_report_security_score(tmp_path: Path) -> None:
     assert score, sec.stdout + sec.stderr
 
 
+def test_the_unit_gives_the_c_loops_a_cache_outside_the_protected_home(tmp_path: Path) -> None:
+    # ProtectHome=yes hides ~/.cache: without KVMDM_CACHE the C loops (kvmcore.fastrun, pv.netring) could not be
+    # built under systemd and every DM would fall back to the Python loops.
+    unit = (REPO / "systemd" / "kvmdmd.service").read_text()
+    assert "ProtectHome=yes" in unit
+    assert "CacheDirectory=kvmdm" in unit and "Environment=KVMDM_CACHE=/var/cache/kvmdm" in unit
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVMDM_")}
+    env |= {"HOME": "/nonexistent", "KVMDM_CACHE": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", "from kvmcore import fastrun; from pv import netring; "
+                        "print(fastrun.AVAILABLE, netring.AVAILABLE)"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.stdout.split() == ["True", "True"], r.stderr
+    assert list((tmp_path / "fastrun").glob("_kvmdm_fastrun_*")) and list((tmp_path / "netring").glob("_kvmdm_netring_*"))
+
+
 def test_tmpfiles_and_sysusers_declare_dirs_and_group() -> None:
     tmpf = (REPO / "systemd" / "tmpfiles.d" / "kvmdm.conf").read_text()
     assert "d     /run/kvmdm            0755" in tmpf and "/var/lib/kvmdm        0700" in tmpf
