@@ -14,8 +14,8 @@ vCPU thread at the exit, like bench/exits.py), median of --repeat runs:
   * blk (tests/guests/virtio_blk.S ``bench=1``; synchronous driver, one request in flight): sequential 1 MiB read
     and write MiB/s, 4 KiB random read latency (us) and IOPS = 1 / latency;
   * net (tests/guests/virtio_net_blast.S): guest->host frames/s and MB/s (1 MB = 1e6 B of Ethernet frame), with
-    the transmit ring kept full; host->guest when --rx > 0 (a host process blasts frames into the tap; it shares
-    the 2 cores with the vCPU and the back-end, so rx is bounded by it too);
+    the transmit ring kept full; host->guest when --rx > 0 (bench/blaster.py, a C sendmmsg loop, blasts frames into the
+    tap from the moment the guest opens its rx phase; it shares the 2 cores with the vCPU and the back-end);
   * CPU seconds per second of phase, split: DM vCPU thread, DM other threads (inline: the backend workers),
     back-end process tree (stub), from /proc/<pid>/task/*/stat utime+stime deltas.
 Net is measured with each virtio-net per-frame loop (--net-engine): pv.netring's C loop (metrics unprefixed) and

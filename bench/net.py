@@ -2,7 +2,8 @@
 
 The guest is tests/guests/virtio_net_blast.S (polling driver, one 1514-byte frame per descriptor, 64-entry rings):
 guest->host frames/s and MB/s (1 MB = 1e6 B of Ethernet frame) with the transmit ring kept full, then host->guest
-with a host process blasting frames into the tap. Both VMMs run in a network namespace this process unshares (root
+with bench/blaster.py blasting frames into the tap (released when the guest opens its rx phase, so the tx phase
+does not share the cores with it). Both VMMs run in a network namespace this process unshares (root
 needed), each with its own tap; QEMU uses ``-netdev tap,...,vhost=off -device virtio-net-pci,disable-legacy=on``
 (userspace virtio-net, like ours; vhost-net would move the data path into the kernel). Phases are timed between
 the guest's '<' '>' markers on COM1 (kvmdm: in the vCPU thread at the exit; QEMU: when its stdout delivers them).
