@@ -328,16 +328,19 @@ def _drop_privileges(cfg: JailConfig, cap_last_cap: int) -> None:
         raise JailSetupError("privileges", errno.EPERM, "setuid(0) succeeded after the drop")
 
 
-def _keeper(child: int, death_w: int) -> None:
+def _keeper(child: int, death_w: int, locked_w: int) -> None:
     """The pid-namespace keeper's whole life (see module docstring, step 10). Never returns."""
     status = 1
     try:
-        os.closerange(0, death_w)
-        os.closerange(death_w + 1, 1 << 20)
+        low, high = sorted((death_w, locked_w))
+        os.closerange(0, low)
+        os.closerange(low + 1, high)
+        os.closerange(high + 1, 1 << 20)
         me = os.getpid()
         seccomp_policy.build_filter(
             seccomp_policy.policy_for("keeper"), {"child_pid": child, "self_tgid": me}
         ).load()
+        os.close(locked_w)  # tells the child the keeper is locked down (its read of the pipe sees EOF)
         while True:
             info = signal.sigwaitinfo(_KEEPER_WAITS)
             if info.si_signo != signal.SIGCHLD:
@@ -366,12 +369,19 @@ def _keeper(child: int, death_w: int) -> None:
 def _split_pid_namespace() -> None:
     """Fork into the new pid namespace; only the child (pid 1) returns."""
     death_r, death_w = os.pipe2(os.O_CLOEXEC)
+    locked_r, locked_w = os.pipe2(os.O_CLOEXEC)
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _KEEPER_WAITS)  # no signal lost before sigwaitinfo
     child = os.fork()
     if child:
         os.close(death_r)
-        _keeper(child, death_w)
+        os.close(locked_r)
+        _keeper(child, death_w, locked_w)
     os.close(death_w)
+    os.close(locked_w)
+    # Go on only once the keeper has loaded its seccomp filter (it closes its end then, or dies): the DM never
+    # runs, let alone reads guest input, next to a keeper that is not locked down yet.
+    os.read(locked_r, 1)
+    os.close(locked_r)
     signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     os.setsid()
     sys_.prctl(sys_.PR_SET_PDEATHSIG, signal.SIGKILL)
