@@ -23,10 +23,13 @@ from kvmcore import cext
 
 log = logging.getLogger(__name__)
 
-CDEF = """
+# The structs Python and C share, written once for the cdef and the source.
+_STRUCTS = """
 struct kvmdm_ranges { int n; unsigned long long base[256]; unsigned long long end[256]; };
 struct kvmdm_counts { unsigned long long pio_reads, pio_writes, mmio_reads, mmio_writes; };
-int kvmdm_run(int fd, void *run, unsigned long run_size, struct kvmdm_ranges *pio, struct kvmdm_ranges *mmio,
+"""
+
+CDEF = _STRUCTS + """int kvmdm_run(int fd, void *run, unsigned long run_size, struct kvmdm_ranges *pio, struct kvmdm_ranges *mmio,
               struct kvmdm_counts *counts, long long max_exits);
 """
 
@@ -35,10 +38,7 @@ SOURCE = r"""
 #include <string.h>
 #include <sys/ioctl.h>
 #include <linux/kvm.h>
-
-struct kvmdm_ranges { int n; unsigned long long base[256]; unsigned long long end[256]; };
-struct kvmdm_counts { unsigned long long pio_reads, pio_writes, mmio_reads, mmio_writes; };
-
+""" + _STRUCTS + r"""
 /* Is [addr, addr+len) touched by any claimed range? Ranges are sorted and few: a linear scan is fastest. An access
    that merely overlaps a claimed range goes to Python, whose bus decides (it treats straddling as unclaimed). */
 static int claimed(const struct kvmdm_ranges *r, unsigned long long addr, unsigned long long len) {

@@ -38,9 +38,17 @@ MAX_REGIONS = 32
 MAX_IOV = 64
 MAX_INDIRECT = 256
 
-CDEF = """
+# Return codes of kn_tx/kn_rx (the C code gets them, and the limits above, as #defines generated below).
+EMPTY = 0  # tx: no chain left; rx: the tap had nothing to read
+BUDGET = 1  # the budget ran out; more may be waiting
+TAP_BLOCKED = 2  # tx: the tap is full (EAGAIN); the chain stays queued
+NEED_BUFFERS = 3  # rx: a frame is waiting (in the bounce buffer) and the driver has not posted enough buffers
+DEFER = 4  # the next chain (or avail idx) is not for C: let the Python path handle one chain/frame
+
+# The structs Python and C share, written once: the cdef and the C source both start from this text.
+_STRUCTS = """
 struct kn_region { unsigned long long gpa, size; unsigned char *host; };
-struct kn_mem { int n; struct kn_region r[32]; };
+struct kn_mem { int n; struct kn_region r[MAX_REGIONS_]; };
 struct kn_vq {
     unsigned char *desc, *avail, *used;
     unsigned int size;
@@ -52,18 +60,19 @@ struct kn_stats {
     unsigned long long tx_packets, tx_bytes, tx_dropped, tx_bad_header;
     unsigned long long rx_packets, rx_bytes, rx_buffers, rx_too_big, rx_read_errors;
 };
+""".replace("MAX_REGIONS_", str(MAX_REGIONS))
+
+CDEF = _STRUCTS + """
 int kn_tx(struct kn_vq *q, const struct kn_mem *m, int fd, int budget, int csum_ok, const unsigned char *gso_ok,
           unsigned long long max_bytes, struct kn_stats *st, int *done);
 int kn_rx(struct kn_vq *q, const struct kn_mem *m, int fd, int budget, int mergeable, unsigned char flags_mask,
           unsigned char *bounce, unsigned int bounce_size, unsigned int *rx_len, struct kn_stats *st, int *done);
 """
 
-# Return codes (also the C #defines below).
-EMPTY = 0  # tx: no chain left; rx: the tap had nothing to read
-BUDGET = 1  # the budget ran out; more may be waiting
-TAP_BLOCKED = 2  # tx: the tap is full (EAGAIN); the chain stays queued
-NEED_BUFFERS = 3  # rx: a frame is waiting (in the bounce buffer) and the driver has not posted enough buffers
-DEFER = 4  # the next chain (or avail idx) is not for C: let the Python path handle one chain/frame
+_DEFINES = "".join(f"#define {name} {value}\n" for name, value in (
+    ("EMPTY", EMPTY), ("BUDGET", BUDGET), ("TAP_BLOCKED", TAP_BLOCKED), ("NEED_BUFFERS", NEED_BUFFERS),
+    ("DEFER", DEFER), ("MAX_IOV", MAX_IOV), ("MAX_INDIRECT", MAX_INDIRECT),
+))
 
 SOURCE = r"""
 #include <errno.h>
@@ -72,34 +81,13 @@ SOURCE = r"""
 #include <unistd.h>
 #include <sys/uio.h>
 
-#define EMPTY 0
-#define BUDGET 1
-#define TAP_BLOCKED 2
-#define NEED_BUFFERS 3
-#define DEFER 4
-
-#define MAX_IOV 64
-#define MAX_INDIRECT 256
 #define HDR 12
 #define F_NEXT 1
 #define F_WRITE 2
 #define F_INDIRECT 4
 #define NEEDS_CSUM 1
 #define MAX_CHAIN_BYTES (1ULL << 32)
-
-struct kn_region { unsigned long long gpa, size; unsigned char *host; };
-struct kn_mem { int n; struct kn_region r[32]; };
-struct kn_vq {
-    unsigned char *desc, *avail, *used;
-    unsigned int size;
-    unsigned int next_avail, avail_idx, next_used;
-    unsigned long long num_added;
-    int indirect;
-};
-struct kn_stats {
-    unsigned long long tx_packets, tx_bytes, tx_dropped, tx_bad_header;
-    unsigned long long rx_packets, rx_bytes, rx_buffers, rx_too_big, rx_read_errors;
-};
+""" + _DEFINES + _STRUCTS + r"""
 struct desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
 struct chain {
     uint16_t head;
@@ -412,12 +400,6 @@ def _load() -> ModuleType | None:
 _MOD = _load()
 AVAILABLE = _MOD is not None
 
-STAT_FIELDS = (
-    "tx_packets", "tx_bytes", "tx_dropped", "tx_bad_header",
-    "rx_packets", "rx_bytes", "rx_buffers", "rx_too_big", "rx_read_errors",
-)
-
-
 class RingQueue:
     """struct kn_vq for one validated SplitQueue; its ring pointers come from the engine's pinned regions."""
 
@@ -470,6 +452,7 @@ class RingEngine:
         self.rxq = RingQueue(ffi, rxq, self._host)
         self.txq = RingQueue(ffi, txq, self._host)
         self.stats: Any = ffi.new("struct kn_stats *")
+        self._stat_fields = [name for name, _field in ffi.typeof("struct kn_stats").fields]
         self.done: Any = ffi.new("int *")
         self.rx_len: Any = ffi.new("unsigned int *")
         self.gso_ok: Any = ffi.new("unsigned char[256]")
@@ -519,7 +502,7 @@ class RingEngine:
 
     def take_stats(self) -> dict[str, int]:
         """Counters since the last call (then zeroed)."""
-        out = {f: int(getattr(self.stats, f)) for f in STAT_FIELDS}
-        for f in STAT_FIELDS:
+        out = {f: int(getattr(self.stats, f)) for f in self._stat_fields}
+        for f in self._stat_fields:
             setattr(self.stats, f, 0)
         return out
