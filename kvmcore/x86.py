@@ -50,10 +50,18 @@ def _segment(selector: int, *, code: bool, long: bool = False) -> abi.kvm_segmen
     return s
 
 
+TR_RESET_LIMIT = 0xFFFF
+
+
 def _system_segments(sregs: abi.kvm_sregs) -> None:
-    # VMX requires a usable TR and a valid LDTR at entry even when the guest never uses them.
+    # VMX requires a usable TR and a valid LDTR at entry even when the guest never uses them. TR gets its
+    # architectural reset state (SDM Vol. 3A 10.1.1, Table 10-1: base 0, limit 0xFFFF), which is what a kernel
+    # booted by firmware (QEMU's SeaBIOS + multiboot ROM) inherits, since no boot loader loads TR. The limit is
+    # not cosmetic: kvm_pvm emulates CPL3 IN/OUT and raises #GP when port / 8 exceeds TR's limit, even at IOPL=3
+    # and whatever the bitmap holds (measured: limit 0x9F faults port 0x501, 0xA0 passes), so a guest that never
+    # loads TR triple-faulted on ports >= 0x340 with a 104-byte limit (issue 9, tests/guests/bare_iopl.S).
     tr = abi.kvm_segment()
-    tr.limit = 0x67
+    tr.limit = TR_RESET_LIMIT
     tr.type = 0xB  # 32/64-bit busy TSS
     tr.present = 1
     tr.selector = 0

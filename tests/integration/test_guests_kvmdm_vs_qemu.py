@@ -28,6 +28,8 @@ CASES = [
     ("loop", "loops=1000 port=0x80", b"", None, "poweroff"),
     ("reset", "", b"", None, "reset"),
     ("triple", "", b"", None, "crash"),
+    # No runtime: its own GDT and page tables, never loads TR, port I/O at CPL3 with IOPL=3 (issue 9, finding 2).
+    ("bare_iopl", "", b"", None, "poweroff"),
 ]
 
 
@@ -57,6 +59,15 @@ def test_uart_interrupts_arrive_through_irqfd_and_ioapic() -> None:
     run = run_kvmdm(_elf("uart_irq"), "", b"ping\nquit\n", send_after=b"READY\n")
     assert "IRQS tx=ok rx=ok" in run.output
     assert "ping\n" in run.output
+
+
+def test_kernel_that_never_loads_tr_does_port_io_at_cpl3_with_iopl3() -> None:
+    # Triple-faulted before TR got its reset-state limit: kvm_pvm bound-checks CPL3 ports against TR's limit.
+    run = run_kvmdm(_elf("bare_iopl"))
+    assert run.reason.kind == "poweroff", run.reason
+    assert run.output == ("bare_iopl: running at CPL 3\nbare_iopl: pci 00:00.0 id 12378086\n"
+                          "bare_iopl: testdev 0xe0 12345678\nbare_iopl: done\n")
+    assert run.status == 1  # debug-exit value 0
 
 
 def test_stray_accesses_are_counted_not_fatal() -> None:

@@ -24,7 +24,8 @@ from guests.build import (
 MB_HEADER_MAGIC = 0x1BADB002
 MB_SEARCH_BYTES = 8192  # Multiboot spec 3.1.1: the header lies within the first 8 KiB
 EM_386 = 3
-ALL_GUESTS = ["hammer", "hello", "loop", "pio_mmio", "reset", "triple", "uart_irq", "virtio_blk", "virtio_net", "virtio_net_blast"]
+ALL_GUESTS = ["bare_iopl", "hammer", "hello", "loop", "pio_mmio", "reset", "triple", "uart_irq", "virtio_blk", "virtio_net",
+              "virtio_net_blast"]
 
 requires_binutils = pytest.mark.skipif(
     shutil.which("as") is None or shutil.which("ld") is None, reason="GNU binutils (as, ld) not installed"
@@ -187,3 +188,15 @@ def test_cli_runs_as_a_module(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"{tmp_path / 'guests' / 'hello.elf'}\n"
+
+
+@requires_binutils
+def test_standalone_guest_is_linked_without_the_runtime(tmp_path: Path) -> None:
+    # KVMDM_STANDALONE: its own _start and no guest_main; with the runtime linked in, _start would clash.
+    src = tmp_path / "alone.S"
+    src.write_text("/* KVMDM_STANDALONE */\n.section .multiboot, \"a\"\n.align 4\n"
+                   ".long 0x1BADB002, 0, -0x1BADB002\n.text\n.code32\n.globl _start\n_start:\n    hlt\n")
+    assert build.is_standalone(src)
+    elf = build_guest(src, tmp_path / "out")
+    symbols = subprocess.run(["nm", str(elf)], capture_output=True, text=True, check=True).stdout
+    assert " _start" in symbols and "rt_user_entry" not in symbols

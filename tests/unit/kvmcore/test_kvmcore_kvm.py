@@ -149,6 +149,12 @@ def test_multiboot_entry_state_is_what_the_spec_promises(guest: Guest) -> None:
     assert sregs.cs.db == 1 and sregs.cs.base == 0 and sregs.cs.limit == 0xFFFF_FFFF
 
 
+def test_multiboot_entry_tr_is_the_architectural_reset_state(guest: Guest) -> None:
+    # SDM Vol. 3A Table 10-1: TR base 0, limit 0xFFFF, present busy TSS; what a firmware-booted kernel inherits.
+    tr = guest.vcpu.get_sregs().tr
+    assert (tr.base, tr.limit, tr.present, tr.type) == (0, 0xFFFF, 1, 0xB)
+
+
 def test_immediate_exit_makes_run_return_interrupted(guest: Guest) -> None:
     guest.vcpu.set_immediate_exit(True)
     assert guest.vcpu.run() == ex.Interrupted()
