@@ -17,16 +17,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from devices.acpi_pm import AcpiPm
 from devices.bus import Bus, BusDevice, mmio_bus, pio_bus
 from devices.debug_exit import DebugExit
 from devices.i8042 import I8042
 from devices.irq import EventFdTrigger
 from devices.pci import PciConfigIo, PciRoot, assign_bars
-from devices.rtc import Rtc
+from devices.rtc import REG_CENTURY, Rtc
 from devices.serial import Serial, SerialSink
 from devices.testdev import TestDevIoport, TestDevMmio
 from kvmcore import _abi as abi
 from kvmcore import layout, x86
+from kvmcore.acpi import AcpiPlatform, build_tables
 from kvmcore.kvm import IrqchipRoute, Kvm, MsiRoute, Vm
 from kvmcore.loader.linux import load_linux
 from kvmcore.loader.multiboot import load_multiboot
@@ -39,14 +41,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COM1_PORT, COM1_GSI = 0x3F8, 4
-I8042_PORT = 0x60
-RTC_PORT = 0x70
-DEBUG_EXIT_PORT = 0x501
-TESTDEV_PORT = 0xE0
-PCI_CONFIG_PORT = 0xCF8
-PCI_INTX_GSI_BASE = 16  # IOAPIC pins 16..23 are free for PCI INTx
-FIRST_MSI_GSI = 24
+# The port map and interrupt wiring live in kvmcore.layout, which the ACPI tables describe too.
+COM1_PORT, COM1_GSI = layout.COM1_PORT, layout.COM1_IRQ
+I8042_PORT = layout.I8042_PORT
+RTC_PORT = layout.RTC_PORT
+DEBUG_EXIT_PORT = layout.DEBUG_EXIT_PORT
+TESTDEV_PORT = layout.TESTDEV_PORT
+PCI_CONFIG_PORT = layout.PCI_CONFIG_PORT
+PCI_INTX_GSI_BASE = layout.PCI_INTX_GSI_BASE  # IOAPIC pins 16..23 are free for PCI INTx
+FIRST_MSI_GSI = layout.IOAPIC_PINS
 
 
 @dataclass
@@ -57,6 +60,7 @@ class MachineConfig:
     cmdline: str = ""
     initrd: bytes | None = None
     testdev: bool = True  # QEMU pc-testdev compatible scratch device (used by the test guests)
+    acpi: bool = True  # ACPI tables at layout.ACPI_TABLES_ADDR and the ACPI PM block (direct boot)
 
 
 class KernelFormatError(Exception):
@@ -154,6 +158,8 @@ class Vmm:
         self.serial_sink = serial_sink
         self.serial: Serial | None = None
         self.pci_root: PciRoot | None = None
+        self.acpi_pm: AcpiPm | None = None
+        self.acpi_rsdp: int | None = None  # where attach_acpi put the RSDP
         self.routing = _Routing(self.vm)
         self._fds: list[int] = []
         # Set by attach_kernel: which boot protocol's entry state vCPU 0 gets, and its (entry, info address).
@@ -207,6 +213,32 @@ class Vmm:
         self.pio.insert(PciConfigIo(self.pci_root, on_reset=lambda: self.state.request_stop(
             StopReason("reset", "guest requested reset (port 0xcf9)"))), PCI_CONFIG_PORT, 8)
 
+    def acpi_platform(self) -> AcpiPlatform:
+        """What the ACPI tables describe: this VM's vCPUs on kvmdm's fixed platform (kvmcore.layout). The 64-bit
+        PCI window is declared even though finish() places 64-bit BARs below 4 GiB (reachable by any guest)."""
+        return AcpiPlatform(vcpus=self.cfg.vcpus, rtc_century=REG_CENTURY)
+
+    def attach_acpi(self) -> None:
+        """The ACPI PM block on the port bus (SCI on its ISA IRQ through an irqfd) and the tables in guest RAM at
+        layout.ACPI_TABLES_ADDR, RSDP first: found there by the BIOS-area scan and through boot_params."""
+        assert self.mem is not None
+        blob = build_tables(self.acpi_platform()).place(layout.ACPI_TABLES_ADDR)
+        if layout.ACPI_TABLES_ADDR + len(blob) > layout.ACPI_TABLES_END:
+            raise ValueError(f"ACPI tables ({len(blob)} bytes) do not fit below 1 MiB")
+        self.mem.write(layout.ACPI_TABLES_ADDR, blob)
+        self.acpi_rsdp = layout.ACPI_TABLES_ADDR
+        self.acpi_pm = AcpiPm(on_poweroff=lambda: self.state.request_stop(
+            StopReason("poweroff", "guest powered off (ACPI S5)")), sci=self._eventfd_irq(layout.ACPI_SCI_IRQ))
+        self.pio.insert(self.acpi_pm, layout.ACPI_PM_BASE, layout.ACPI_PM_LENGTH)
+
+    def power_button(self) -> bool:
+        """Press the ACPI power button (an SCI if the guest enabled it); False when the VM has no ACPI."""
+        if self.acpi_pm is None:
+            return False
+        with self.device_lock:
+            self.acpi_pm.power_button()
+        return True
+
     def attach_virtio(self, device: VirtioDevice) -> VirtioPciDevice:
         """Put a pv.device.VirtioDevice behind a virtio-pci function on the root bus."""
         from devices.virtio_pci import VirtioPciDevice
@@ -215,8 +247,9 @@ class Vmm:
         platform = _PciPlatformAdapter(self, intx_gsi=-1)
         dev = VirtioPciDevice(device, self.mem, platform)
         slot = self.pci_root.add_device(dev)
-        # INTx of slot N on IOAPIC pin 16 + N % 8; the interrupt line register says so, as firmware would.
-        platform.intx_gsi = PCI_INTX_GSI_BASE + slot % 8
+        # INTA# of slot N on IOAPIC pin 16 + N % 8 (the DSDT's _PRT says the same); the interrupt line register
+        # says so, as firmware would.
+        platform.intx_gsi = layout.pci_intx_gsi(slot, 0)
         dev.config.write(0x3C, bytes([platform.intx_gsi]))
         label = f"{type(device).__name__} (PCI slot {slot})"
         dev.on_needs_reset = lambda why: self._device_alert(f"{label} needs reset: {why}")
@@ -235,7 +268,7 @@ class Vmm:
             k = load_multiboot(self.mem, self.cfg.kernel, self.cfg.cmdline)
             self._entry_kind, self._entry_args = "multiboot", (k.entry, k.mbi_addr)
         else:
-            lk = load_linux(self.mem, self.cfg.kernel, self.cfg.cmdline, self.cfg.initrd)
+            lk = load_linux(self.mem, self.cfg.kernel, self.cfg.cmdline, self.cfg.initrd, acpi_rsdp=self.acpi_rsdp)
             self._entry_kind, self._entry_args = "linux", (lk.entry64, lk.boot_params)
 
     def attach_vcpus(self) -> None:
@@ -257,6 +290,8 @@ class Vmm:
         self.attach_irqchip()
         self.attach_platform_devices()
         self.attach_pci()
+        if self.cfg.acpi:
+            self.attach_acpi()
         self.attach_kernel()
         return self
 

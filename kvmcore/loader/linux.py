@@ -12,6 +12,10 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+# Re-exported: callers read the e820 map through this module too.
+from kvmcore.loader.e820 import E820_RAM as E820_RAM
+from kvmcore.loader.e820 import E820_RESERVED as E820_RESERVED
+from kvmcore.loader.e820 import e820_map as e820_map
 from kvmcore.loader.errors import BadBzImage, ImageTooLarge
 from kvmcore.memory import GuestMemory, GuestMemoryError
 
@@ -20,6 +24,7 @@ CMDLINE_ADDR = 0x20000
 KERNEL_ADDR = 0x100000
 
 # boot_params / setup_header offsets (boot.rst "THE REAL-MODE KERNEL HEADER", zero-page.rst)
+OFF_ACPI_RSDP_ADDR = 0x070  # zero-page.rst: u64 acpi_rsdp_addr, read from boot protocol 2.14
 OFF_E820_ENTRIES = 0x1E8
 OFF_SETUP_SECTS = 0x1F1
 OFF_BOOT_FLAG = 0x1FE
@@ -47,8 +52,7 @@ LOADED_HIGH = 0x01
 CAN_USE_HEAP = 0x80
 XLF_KERNEL_64 = 0x01
 
-E820_RAM = 1
-E820_RESERVED = 2
+ACPI_RSDP_MIN_VERSION = 0x020E
 
 
 @dataclass(frozen=True)
@@ -95,20 +99,6 @@ def parse_setup_header(image: bytes) -> SetupHeader:
     return SetupHeader(setup_sects, version, loadflags, xloadflags, initrd_addr_max, cmdline_size, header_end)
 
 
-def e820_map(mem: GuestMemory) -> list[tuple[int, int, int]]:
-    out: list[tuple[int, int, int]] = []
-    for gpa, size in mem.regions():
-        if gpa == 0:
-            out.append((0, 0x9FC00, E820_RAM))
-            out.append((0x9FC00, 0xA0000 - 0x9FC00, E820_RESERVED))
-            out.append((0xF0000, 0x10000, E820_RESERVED))
-            if size > KERNEL_ADDR:
-                out.append((KERNEL_ADDR, size - KERNEL_ADDR, E820_RAM))
-        else:
-            out.append((gpa, size, E820_RAM))
-    return out
-
-
 def _runtime_end(image: bytes, hdr: SetupHeader) -> int:
     """End of the memory the kernel uses before it reads its memory map (boot.rst, protocol 2.10 init_size).
 
@@ -123,7 +113,11 @@ def _runtime_end(image: bytes, hdr: SetupHeader) -> int:
     return max(KERNEL_ADDR, pref_address) + init_size
 
 
-def load_linux(mem: GuestMemory, image: bytes, cmdline: str = "", initrd: bytes | None = None) -> LoadedLinux:
+def load_linux(mem: GuestMemory, image: bytes, cmdline: str = "", initrd: bytes | None = None, *,
+               acpi_rsdp: int | None = None) -> LoadedLinux:
+    """Load the kernel, initrd and command line and write boot_params. ``acpi_rsdp``: where the caller put the
+    ACPI RSDP; kernels of boot protocol 2.14+ read it from boot_params, older ones find it by scanning the BIOS
+    area (so it should be there, 16-byte aligned, as kvmcore.layout.ACPI_TABLES_ADDR is)."""
     hdr = parse_setup_header(image)
     kernel = image[(hdr.setup_sects + 1) * 512 :]
     try:
@@ -154,6 +148,9 @@ def load_linux(mem: GuestMemory, image: bytes, cmdline: str = "", initrd: bytes 
         mem.write(addr, initrd)
         struct.pack_into("<II", bp, OFF_RAMDISK_IMAGE, addr, len(initrd))
         initrd_span = (addr, len(initrd))
+
+    if acpi_rsdp is not None and hdr.version >= ACPI_RSDP_MIN_VERSION:
+        struct.pack_into("<Q", bp, OFF_ACPI_RSDP_ADDR, acpi_rsdp)
 
     e820 = e820_map(mem)[:E820_MAX]
     bp[OFF_E820_ENTRIES] = len(e820)

@@ -11,6 +11,7 @@ import struct
 from dataclasses import dataclass
 
 from kvmcore.layout import LOW_RAM_END
+from kvmcore.loader.e820 import e820_map
 from kvmcore.loader.elf import parse_elf
 from kvmcore.loader.errors import BadElf, ImageTooLarge, LoaderError, NoMultibootHeader
 from kvmcore.memory import GuestMemory, GuestMemoryError
@@ -58,20 +59,6 @@ def find_header(image: bytes) -> MultibootHeader:
     raise NoMultibootHeader("no multiboot header in the first 8 KiB of the image")
 
 
-def _e820(mem: GuestMemory) -> list[tuple[int, int, int]]:
-    out: list[tuple[int, int, int]] = []
-    for gpa, size in mem.regions():
-        if gpa == 0:
-            out.append((0, 0x9FC00, 1))
-            out.append((0x9FC00, 0x400, 2))
-            out.append((0xF0000, 0x10000, 2))
-            if size > 0x10_0000:
-                out.append((0x10_0000, size - 0x10_0000, 1))
-        else:
-            out.append((gpa, size, 1))
-    return out
-
-
 def load_multiboot(mem: GuestMemory, image: bytes, cmdline: str = "",
                    modules: list[tuple[bytes, str]] | None = None) -> LoadedKernel:
     hdr = find_header(image)
@@ -99,7 +86,7 @@ def load_multiboot(mem: GuestMemory, image: bytes, cmdline: str = "",
     mem.write(MBI_CMDLINE_ADDR, raw_cmdline)
     mem.write(MBI_LOADER_NAME_ADDR, LOADER_NAME)
 
-    e820 = _e820(mem)
+    e820 = e820_map(mem)
     mmap_blob = b"".join(struct.pack("<IQQI", 20, base, size, typ) for base, size, typ in e820)
     mem.write(MBI_MMAP_ADDR, mmap_blob)
 

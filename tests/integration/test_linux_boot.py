@@ -27,8 +27,9 @@ from tests.interop.linux_harness import guest_exit_rc, guest_ready, run_linux_tc
 
 MIB = 1 << 20
 CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 nokaslr panic=-1"  # nokaslr: skip ~15 s of relocs
-# Cap for the kvmdm boot; the banner shows after ~100 s here. Slower machines may raise it.
-BOOT_TIMEOUT = float(os.environ.get("KVMDM_LINUX_BOOT_TIMEOUT", "150"))
+# Cap for the kvmdm boot, not a speed target: the banner shows after ~100 s on an idle machine here and the test
+# ends as soon as RAMDISK is printed; a busy CI host took > 150 s (ec18e24), so the cap is generous.
+BOOT_TIMEOUT = float(os.environ.get("KVMDM_LINUX_BOOT_TIMEOUT", "900"))
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_real_bzimage_e820_map_is_sorted_and_covers_kernel_and_initrd(real_guest
         lk = linux.load_linux(mem, image, "", initrd)
         table = e820_from_boot_params(mem.read(linux.BOOT_PARAMS_ADDR, 4096))
     assert table == [(0, 0x9FC00, linux.E820_RAM), (0x9FC00, 0x400, linux.E820_RESERVED),
-                     (0xF0000, 0x10000, linux.E820_RESERVED), (linux.KERNEL_ADDR, 511 * MIB, linux.E820_RAM)]
+                     (0xE0000, 0x20000, linux.E820_RESERVED), (linux.KERNEL_ADDR, 511 * MIB, linux.E820_RAM)]
     assert all(a + s <= b for (a, s, _), (b, _, _) in zip(table, table[1:], strict=False)), table
     ram = [(a, a + s) for a, s, t in table if t == linux.E820_RAM]
     assert lk.initrd is not None

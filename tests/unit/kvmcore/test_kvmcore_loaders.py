@@ -111,7 +111,7 @@ def test_multiboot_mmap_entries_describe_ram_and_reserved_ranges(mem128: GuestMe
     entries = [struct.unpack_from("<IQQI", blob, o) for o in range(0, len(blob), 24)]
     assert all(size == 20 for size, *_ in entries)  # §3.3: size excludes the size field itself
     assert [e[1:] for e in entries] == [
-        (0, 0x9FC00, 1), (0x9FC00, 0x400, 2), (0xF0000, 0x10000, 2), (0x10_0000, 127 * MIB, 1)]
+        (0, 0x9FC00, 1), (0x9FC00, 0x400, 2), (0xE0000, 0x20000, 2), (0x10_0000, 127 * MIB, 1)]
 
 
 def test_multiboot_mem_upper_and_mmap_with_ram_above_4g() -> None:
@@ -364,7 +364,7 @@ def test_linux_e820_table_for_128mib(mem128: GuestMemory) -> None:
     n = bp[linux.OFF_E820_ENTRIES]
     table = [struct.unpack_from("<QQI", bp, linux.OFF_E820_TABLE + 20 * i) for i in range(n)]
     assert table == [(0, 0x9FC00, linux.E820_RAM), (0x9FC00, 0x400, linux.E820_RESERVED),
-                     (0xF0000, 0x10000, linux.E820_RESERVED), (0x10_0000, 127 * MIB, linux.E820_RAM)]
+                     (0xE0000, 0x20000, linux.E820_RESERVED), (0x10_0000, 127 * MIB, linux.E820_RAM)]
     assert bp[linux.OFF_E820_TABLE + 20 * n : linux.OFF_E820_TABLE + 20 * n + 20] == bytes(20)
 
 
