@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uid-base", type=int, default=200000, help="first uid/gid of the per-guest jail range")
     p.add_argument("--uid-count", type=int, default=10000)
     p.add_argument("--start-timeout", type=float, default=10.0, help="seconds for a DM to answer its first ping")
+    p.add_argument("--backend-ready-timeout", type=float, default=None,
+                   help="seconds for a vhost-user back-end to say it is ready (default 10)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -148,6 +150,8 @@ async def serve(args: argparse.Namespace) -> int:
         dm_command=shlex.split(args.dm_command) if args.dm_command else list(DEFAULT_DM_COMMAND),
         kvm_device=args.kvm_device, no_jail=args.no_jail, uid_base=args.uid_base, uid_count=args.uid_count,
         start_timeout=args.start_timeout)
+    if args.backend_ready_timeout is not None:
+        cfg.backend_ready_timeout = args.backend_ready_timeout
     token = ""
     tcp = None
     if args.tcp:

@@ -90,6 +90,9 @@ def setup_lapic(vcpu: Vcpu) -> None:
     vcpu.set_lapic(bytes(regs))
 
 
+CPUID_1_ECX_HYPERVISOR = 1 << 31
+
+
 def guest_cpuid(kvm: Kvm, vcpu_index: int, ncpus: int) -> list[CpuidEntry]:
     """What the host KVM supports, with per-vCPU topology fields filled in."""
     entries = kvm.supported_cpuid()
@@ -99,6 +102,10 @@ def guest_cpuid(kvm: Kvm, vcpu_index: int, ncpus: int) -> list[CpuidEntry]:
             e.ebx = (e.ebx & 0x0000_FFFF) | (vcpu_index << 24) | (max(ncpus, 1) << 16)
             if ncpus > 1:
                 e.edx |= 1 << 28  # HTT: the count above is meaningful
+            # KVM does not report the hypervisor bit as supported; QEMU and Firecracker set it. Without it Linux
+            # never reads KVM's 0x4000_0000 leaves: "Booting paravirtualized kernel on bare hardware", no
+            # kvm-clock, and the TSC calibrated against a PIT/PM timer that a VM exit makes unreliable.
+            e.ecx |= CPUID_1_ECX_HYPERVISOR
         elif e.function == 0xB:
             e.edx = vcpu_index  # x2APIC id
     return entries

@@ -1,5 +1,6 @@
-"""Suite-wide markers: `kvm`, `qemu` and `root` tests skip with a reason on machines without the resource,
-unless KVMDM_REQUIRE_KVM / KVMDM_REQUIRE_QEMU / KVMDM_REQUIRE_ROOT=1 (set in CI), where they fail instead."""
+"""Suite-wide markers: `kvm`, `qemu`, `root` and `realkvm` tests skip with a reason on machines without the
+resource, unless KVMDM_REQUIRE_KVM / KVMDM_REQUIRE_QEMU / KVMDM_REQUIRE_ROOT / KVMDM_REQUIRE_REALKVM=1, where they
+fail instead. CI sets the first three on the host; the real-KVM lane (tests.lane) sets all four inside its L1."""
 
 from __future__ import annotations
 
@@ -26,8 +27,18 @@ def _root() -> str | None:
     return None if os.geteuid() == 0 else "needs root"
 
 
+def _real_kvm() -> str | None:
+    from tests.lane import real_kvm_module
+
+    if real_kvm_module() is None:
+        loaded = ", ".join(sorted(m for m in os.listdir("/sys/module") if m.startswith("kvm"))) or "no kvm module"
+        return (f"needs hardware-assisted KVM (kvm_amd/kvm_intel; this kernel has {loaded}): run it in the real-KVM "
+                "lane, `.venv/bin/python -m tests.lane pytest`")
+    return _kvm_usable()
+
+
 _CHECKS = {"kvm": (_kvm_usable, "KVMDM_REQUIRE_KVM"), "qemu": (_qemu_usable, "KVMDM_REQUIRE_QEMU"),
-           "root": (_root, "KVMDM_REQUIRE_ROOT")}
+           "root": (_root, "KVMDM_REQUIRE_ROOT"), "realkvm": (_real_kvm, "KVMDM_REQUIRE_REALKVM")}
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -42,6 +42,8 @@ def wait_until(pred: Any, timeout: float = 5.0, interval: float = 0.02) -> Any:
 
 
 class Daemon:
+    start_timeout = 15.0  # until /health answers; slow machines (the real-KVM lane's TCG L1) raise it
+
     def __init__(self, tmp: Path, extra: list[str] | None = None) -> None:
         self.tmp = tmp
         self.state_dir = tmp / "state"
@@ -74,7 +76,7 @@ class Daemon:
             except OSError:
                 return False
 
-        wait_until(up, 15.0, 0.05)
+        wait_until(up, self.start_timeout, 0.05)
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> int:

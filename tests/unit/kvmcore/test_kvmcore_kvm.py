@@ -97,6 +97,20 @@ def test_supported_cpuid_is_non_empty_and_has_leaf_0(kvm: Kvm) -> None:
     assert leaf0 and leaf0[0].eax >= 1  # highest basic leaf
 
 
+def test_guest_cpuid_says_hypervisor_and_keeps_kvms_signature_leaves(kvm: Kvm) -> None:
+    # Linux looks for KVM's 0x4000_0000 leaves (kvm-clock, PV EOI, steal time) only behind CPUID.1:ECX[31].
+    supported = {(e.function, e.index) for e in kvm.supported_cpuid()}
+    entries = {(e.function, e.index): e for e in x86.guest_cpuid(kvm, 1, 2)}
+    leaf1 = entries[(1, 0)]
+    assert leaf1.ecx & x86.CPUID_1_ECX_HYPERVISOR
+    assert leaf1.ebx >> 24 == 1 and (leaf1.ebx >> 16) & 0xFF == 2  # APIC id, logical processors
+    assert set(entries) == supported  # nothing dropped or invented
+    if (0x4000_0000, 0) in entries:
+        sig = entries[(0x4000_0000, 0)]
+        assert sig.ebx.to_bytes(4, "little") + sig.ecx.to_bytes(4, "little") + sig.edx.to_bytes(4, "little") \
+            == b"KVMKVMKVM\0\0\0"
+
+
 def test_vcpu_mmap_size_covers_kvm_run_and_the_pio_page(kvm: Kvm) -> None:
     assert kvm.vcpu_mmap_size() >= 2 * 4096
 
