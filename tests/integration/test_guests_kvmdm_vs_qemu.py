@@ -1,7 +1,8 @@
 """Every test guest under kvmdm (KVM) and under QEMU (TCG) in the same run: same serial output, same status.
 
 This is the behavioural contract of the platform: COM1, i8042 reset, RTC, isa-debug-exit, pc-testdev port and
-MMIO scratch, UART interrupts through the in-kernel IOAPIC via irqfd, and harmless stray accesses.
+MMIO scratch, UART interrupts through the in-kernel IOAPIC via irqfd, ACPI table discovery and S5 power-off,
+and harmless stray accesses.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ CASES = [
     ("triple", "", b"", None, "crash"),
     # No runtime: its own GDT and page tables, never loads TR, port I/O at CPL3 with IOPL=3 (issue 9, finding 2).
     ("bare_iopl", "", b"", None, "poweroff"),
+    # RSDP -> RSDT -> FADT -> DSDT \_S5, the PM timer, and S5 through PM1a_CNT: QEMU's tables vs kvmcore.acpi's.
+    ("acpi", "", b"", None, "poweroff"),
 ]
 
 

@@ -24,7 +24,7 @@ from guests.build import (
 MB_HEADER_MAGIC = 0x1BADB002
 MB_SEARCH_BYTES = 8192  # Multiboot spec 3.1.1: the header lies within the first 8 KiB
 EM_386 = 3
-ALL_GUESTS = ["bare_iopl", "hammer", "hello", "loop", "pio_mmio", "reset", "triple", "uart_irq", "virtio_blk", "virtio_net",
+ALL_GUESTS = ["acpi", "bare_iopl", "hammer", "hello", "loop", "pio_mmio", "reset", "triple", "uart_irq", "virtio_blk", "virtio_net",
               "virtio_net_blast"]
 
 requires_binutils = pytest.mark.skipif(
