@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from daemon import openapi
-from daemon.control import MAX_CONSOLE_INPUT
+from daemon.messages import MAX_CONSOLE_INPUT
 from daemon.supervisor import (
     DMFault,
     Guest,

@@ -14,6 +14,10 @@ a restarted daemon re-attaches):
 * event    ``{"event": "state", "state": "starting|running|paused|stopped|crashed", "reason": str,
   "guest_status": int|null}`` (unsolicited, DM -> daemon).
 
+What ``args`` and ``result`` hold for each command is defined once, typed, in :mod:`daemon.messages`; the daemon
+sends with :meth:`ControlClient.call` and the DMs serve through :func:`typed_handler`, so both ends (and the tests'
+fake DM) are held to the same schema.
+
 Both ends treat the other's bytes as untrusted (h11's model): :class:`LineDecoder` and the ``validate_*``
 functions do no I/O, raise :class:`RemoteProtocolError` for the peer's faults and :class:`LocalProtocolError`
 for our own, and everything else in the daemon and DM only sees validated dataclasses/dicts.
@@ -24,61 +28,57 @@ The server half (:class:`ControlServer`) is selectors-based and imports no async
 from __future__ import annotations
 
 import array
-import base64
-import binascii
 import contextlib
 import itertools
 import json
 import logging
-import math
 import os
 import selectors
 import socket
 import stat
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from daemon.messages import (
+    COMMANDS,
+    DM_STATES,
+    FD_COMMANDS,
+    MAX_CONSOLE_INPUT,
+    MAX_ID,
+    MAX_VHOST_DEVICES,
+    AttachBackend,
+    Command,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    Reply,
+    StateEvent,
+    Stats,
+    decode_command,
+    validate_event,
+    validate_stats,
+)
+from daemon.messages import check_keys as _check_keys
+from daemon.messages import is_int as _is_int
+
+R = TypeVar("R", bound=Reply)
+
+__all__ = [
+    "COMMANDS", "DM_STATES", "FD_COMMANDS", "MAX_CONSOLE_INPUT", "MAX_ID", "MAX_VHOST_DEVICES", "LocalProtocolError",
+    "ProtocolError", "RemoteProtocolError", "StateEvent", "Stats", "validate_event", "validate_stats",
+]
 
 log = logging.getLogger(__name__)
 
 MAX_LINE = 65536
 DEFAULT_TIMEOUT = 5.0
-MAX_ID = 2**53 - 1  # JSON numbers beyond this are not exact in every implementation (RFC 8259 §6)
 MAX_ERROR_LEN = 4096
-MAX_REASON_LEN = 1024
-MAX_CONSOLE_INPUT = 4096  # decoded bytes per console_input request
-COMMANDS = frozenset({"ping", "stats", "pause", "resume", "stop", "reset", "console_input", "attach_backend"})
-# Commands whose request carries exactly one fd (SCM_RIGHTS), and how many fds one recvmsg may bring in before
-# the extra ones are refused (closed): enough to notice "more than one", bounded so a peer cannot fill our table.
-FD_COMMANDS = frozenset({"attach_backend"})
+# How many fds one recvmsg may bring in before the extra ones are refused (closed): enough to notice "more than
+# one" for the FD_COMMANDS, bounded so a peer cannot fill our table.
 MAX_FDS_PER_MSG = 4
 MAX_PENDING_FD_BATCHES = 4
-MAX_VHOST_DEVICES = 64
-DM_STATES = frozenset({"starting", "running", "paused", "stopped", "crashed"})
-
-# DM exit codes (the contract the supervisor's restart policy is keyed on).
-EXIT_STOPPED = 0
-EXIT_ERROR = 1
-EXIT_RESET = 3
-EXIT_CRASHED = 4
-
-# Bounds on stats so a hostile DM cannot make the daemon's /metrics output unbounded.
-MAX_STAT_KEYS = 256
-MAX_STAT_NAME = 64
-MAX_COUNTER = 2**64 - 1
-
-
-class ProtocolError(Exception):
-    """Base: the control conversation broke a rule of the protocol."""
-
-
-class RemoteProtocolError(ProtocolError):
-    """The peer sent something the protocol forbids (its fault; we drop the connection)."""
-
-
-class LocalProtocolError(ProtocolError):
-    """We were asked to send something the protocol forbids (our bug)."""
 
 
 class ControlError(Exception):
@@ -162,28 +162,10 @@ def encode_response(req_id: int, ok: bool, result: dict[str, Any] | None = None,
 
 
 def encode_event(state: str, reason: str = "", guest_status: int | None = None) -> bytes:
-    msg = {"event": "state", "state": state, "reason": reason[:MAX_REASON_LEN], "guest_status": guest_status}
-    try:
-        validate_event(msg)
-    except RemoteProtocolError as e:
-        raise LocalProtocolError(str(e)) from None
-    return encode(msg)
+    return encode(StateEvent.make(state, reason, guest_status).to_msg())
 
 
 # ----------------------------------------------------------------------------------------------------- validation
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _check_keys(msg: dict[str, Any], allowed: set[str], what: str) -> None:
-    extra = msg.keys() - allowed
-    if extra:
-        raise RemoteProtocolError(f"{what}: unknown field(s) {sorted(extra)}")
-    missing = allowed - msg.keys()
-    if missing:
-        raise RemoteProtocolError(f"{what}: missing field(s) {sorted(missing)}")
 
 
 @dataclass(frozen=True)
@@ -191,6 +173,7 @@ class Request:
     id: int
     cmd: str
     args: dict[str, Any]
+    command: Command[Any]
 
 
 @dataclass(frozen=True)
@@ -201,39 +184,13 @@ class Response:
     error: str | None
 
 
-@dataclass(frozen=True)
-class StateEvent:
-    state: str
-    reason: str
-    guest_status: int | None
-
-
 def validate_request(msg: dict[str, Any]) -> Request:
     _check_keys(msg, {"id", "cmd", "args"}, "request")
     rid, cmd, args = msg["id"], msg["cmd"], msg["args"]
     if not _is_int(rid) or not 0 <= rid <= MAX_ID:
         raise RemoteProtocolError(f"request: id must be an integer in 0..{MAX_ID}")
-    if not isinstance(cmd, str) or cmd not in COMMANDS:
-        raise RemoteProtocolError(f"request: unknown command {str(cmd)[:64]!r}")
-    if not isinstance(args, dict):
-        raise RemoteProtocolError("request: args must be an object")
-    if cmd == "console_input":
-        _check_keys(args, {"data"}, "console_input args")
-        data = args["data"]
-        if not isinstance(data, str) or len(data) > 4 * ((MAX_CONSOLE_INPUT + 2) // 3):
-            raise RemoteProtocolError(f"console_input: data must be base64 of at most {MAX_CONSOLE_INPUT} bytes")
-        try:
-            base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            raise RemoteProtocolError("console_input: data is not valid base64") from None
-    elif cmd == "attach_backend":
-        _check_keys(args, {"device"}, "attach_backend args")
-        dev = args["device"]
-        if not _is_int(dev) or not 0 <= dev < MAX_VHOST_DEVICES:
-            raise RemoteProtocolError(f"attach_backend: device must be an integer in 0..{MAX_VHOST_DEVICES - 1}")
-    elif args:
-        raise RemoteProtocolError(f"request: {cmd} takes no arguments")
-    return Request(rid, cmd, args)
+    command = decode_command(cmd, args)
+    return Request(rid, cmd, args, command)
 
 
 class PassedFdError(RemoteProtocolError):
@@ -287,82 +244,11 @@ def validate_response(msg: dict[str, Any]) -> Response:
     return Response(rid, ok, result, error)
 
 
-def validate_event(msg: dict[str, Any]) -> StateEvent:
-    _check_keys(msg, {"event", "state", "reason", "guest_status"}, "event")
-    if msg["event"] != "state":
-        raise RemoteProtocolError(f"event: unknown event {str(msg['event'])[:64]!r}")
-    state, reason, status = msg["state"], msg["reason"], msg["guest_status"]
-    if not isinstance(state, str) or state not in DM_STATES:
-        raise RemoteProtocolError(f"event: unknown state {str(state)[:64]!r}")
-    if not isinstance(reason, str) or len(reason) > MAX_REASON_LEN:
-        raise RemoteProtocolError(f"event: reason must be a string of at most {MAX_REASON_LEN} chars")
-    if status is not None and (not _is_int(status) or not -(2**31) <= status < 2**32):
-        raise RemoteProtocolError("event: guest_status must be a 32-bit integer or null")
-    return StateEvent(state, reason, status)
-
-
 def classify(msg: dict[str, Any]) -> Response | StateEvent:
     """A message arriving at the daemon is either a response or an event."""
     if "event" in msg:
         return validate_event(msg)
     return validate_response(msg)
-
-
-@dataclass(frozen=True)
-class Stats:
-    state: str
-    uptime_s: float
-    exits: dict[str, int]
-    devices: dict[str, dict[str, int]]
-    rss_bytes: int
-    vcpus: int
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"state": self.state, "uptime_s": self.uptime_s, "exits": self.exits, "devices": self.devices,
-                "rss_bytes": self.rss_bytes, "vcpus": self.vcpus}
-
-
-def _counter_map(v: Any, what: str) -> dict[str, int]:
-    if not isinstance(v, dict) or len(v) > MAX_STAT_KEYS:
-        raise RemoteProtocolError(f"stats: {what} must be an object with at most {MAX_STAT_KEYS} keys")
-    for k, n in v.items():
-        if len(k) > MAX_STAT_NAME or not k.isprintable():
-            raise RemoteProtocolError(f"stats: {what} key {k[:64]!r} is not a short printable name")
-        if not _is_int(n) or not 0 <= n <= MAX_COUNTER:
-            raise RemoteProtocolError(f"stats: {what}[{k[:64]!r}] must be a non-negative 64-bit integer")
-    return dict(v)
-
-
-def validate_stats(result: Any) -> Stats:
-    """Validate the DM's ``stats`` result (unknown extra keys are tolerated for forward compatibility but not
-    exposed)."""
-    if not isinstance(result, dict):
-        raise RemoteProtocolError("stats: result must be an object")
-    for k in ("state", "uptime_s", "exits", "devices", "rss_bytes", "vcpus"):
-        if k not in result:
-            raise RemoteProtocolError(f"stats: missing {k}")
-    state = result["state"]
-    if not isinstance(state, str) or state not in DM_STATES:
-        raise RemoteProtocolError("stats: unknown state")
-    up = result["uptime_s"]
-    if isinstance(up, bool) or not isinstance(up, int | float) or not math.isfinite(up) or up < 0:
-        raise RemoteProtocolError("stats: uptime_s must be a non-negative number")
-    exits = _counter_map(result["exits"], "exits")
-    devs_raw = result["devices"]
-    if not isinstance(devs_raw, dict) or len(devs_raw) > 64:
-        raise RemoteProtocolError("stats: devices must be an object with at most 64 devices")
-    devices = {}
-    for name, counters in devs_raw.items():
-        if len(name) > MAX_STAT_NAME or not name.isprintable():
-            raise RemoteProtocolError(f"stats: device name {name[:64]!r} is not a short printable name")
-        devices[name] = _counter_map(counters, f"devices[{name!r}]")
-    rss, vcpus = result["rss_bytes"], result["vcpus"]
-    if not _is_int(rss) or not 0 <= rss <= MAX_COUNTER:
-        raise RemoteProtocolError("stats: rss_bytes must be a non-negative integer")
-    if not _is_int(vcpus) or not 0 <= vcpus <= 1024:
-        raise RemoteProtocolError("stats: vcpus must be a small non-negative integer")
-    return Stats(state, float(up), exits, devices, rss, vcpus)
 
 
 # ----------------------------------------------------------------------------------------- asyncio client (daemon)
@@ -476,6 +362,12 @@ class ControlClient:
             raise ControlError(resp.error or "error")
         return resp.result or {}
 
+    async def call(self, command: Command[R], timeout: float = DEFAULT_TIMEOUT, fd: int | None = None) -> R:
+        """Send a typed command; return its typed reply (validated against daemon.messages' schema: a reply the
+        schema does not allow raises :class:`RemoteProtocolError`, never falls back to a guess)."""
+        result = await self.request(command.cmd, command.to_args(), timeout=timeout, fd=fd)
+        return command.decode_reply(result)
+
     async def _send_with_fd(self, data: bytes, fd: int) -> None:
         """sendmsg on (a dup of) the transport's socket, once the transport's own buffer is empty so the bytes
         stay in order; the fd rides on the first byte, the rest (if the socket took only part) via the writer."""
@@ -514,6 +406,34 @@ class ControlClient:
 Handler = Callable[[str, dict[str, Any]], dict[str, Any]]
 # fd_handler(cmd, args, fd): for FD_COMMANDS, with the validated socket fd; it owns (must close or keep) the fd.
 FdHandler = Callable[[str, dict[str, Any], int], dict[str, Any]]
+# The typed forms every DM (the real one, the tests' fake) serves with: a command in, its reply type out.
+TypedHandler = Callable[[Command[Any]], Reply]
+TypedFdHandler = Callable[[AttachBackend, int], Reply]
+
+
+def typed_handler(handler: TypedHandler) -> Handler:
+    """Adapt a typed handler to :class:`ControlServer`: args decoded by the command's schema, the reply checked to
+    be the command's reply type and to pass the daemon's validation (else the daemon gets ``ok: false``)."""
+
+    def raw(cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+        command = decode_command(cmd, args)
+        return command.encode_reply(handler(command))
+
+    return raw
+
+
+def typed_fd_handler(handler: TypedFdHandler) -> FdHandler:
+    def raw(cmd: str, args: dict[str, Any], fd: int) -> dict[str, Any]:
+        try:
+            command = decode_command(cmd, args)
+            if not isinstance(command, AttachBackend):
+                raise LocalProtocolError(f"{cmd} carries no fd")
+        except BaseException:
+            os.close(fd)
+            raise
+        return command.encode_reply(handler(command, fd))
+
+    return raw
 
 
 class ControlServer:

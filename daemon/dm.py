@@ -17,7 +17,6 @@ Nothing the guest controls is read before step 3 finishes: the guest has not run
 from __future__ import annotations
 
 import argparse
-import base64
 import encodings.idna  # noqa: F401
 import json
 import logging
@@ -35,8 +34,10 @@ from typing import Any
 # Imported up front on purpose: the jail has no filesystem, so nothing may be imported lazily after step 3
 # (the virtio modules a guest's devices need are imported by _preload_for, still before the jail).
 import daemon.vmm  # noqa: F401
+from daemon import messages as msg
 from daemon.config import ConfigError, GuestDefinition, parse_definition
-from daemon.control import ControlServer
+from daemon.control import ControlServer, typed_fd_handler, typed_handler
+from daemon.messages import DmState, ExitCode
 from daemon.vmm import MachineConfig, Vmm
 from kvmcore import layout
 from kvmcore.kvm import Kvm, KvmError
@@ -46,7 +47,6 @@ from kvmcore.vcpu_loop import StopReason, install_kick_handler
 
 log = logging.getLogger("kvmdm.dm")
 
-EXIT_STOPPED, EXIT_ERROR, EXIT_RESET, EXIT_CRASH = 0, 1, 3, 4
 VIRTIO_BLK_CONFIG_SIZE = 60  # struct virtio_blk_config up to write_zeroes_may_unmap (virtio 1.2 §5.2.4)
 # Wall clock when every import was done: the start of the startup timeline logged once the vCPUs run
 # (bench/daemon.py reads it to split create->first-serial-byte into DM startup and guest boot).
@@ -134,66 +134,61 @@ class DeviceModel:
         self.args = args
         self.d = definition
         self.vmm: Vmm | None = None
-        self.state = "starting"
+        self.state = DmState.STARTING
         self.started = time.monotonic()
         self.console = CappedFdSink(args.console_fd)
         self.control: ControlServer | None = None
-        self.exit_code = EXIT_ERROR
+        self.exit_code = ExitCode.ERROR
         self._pending_input = bytearray()
         self._input_lock = threading.Lock()
         # vhost-user devices in attach order (disks, then nics): the "device" of attach_backend.
         self.vhost_devices: list[Any] = []
 
     # ---------------------------------------------------------------- control handler (untrusted input)
-    def handle(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+    def handle(self, req: msg.Command[Any]) -> msg.Reply:
+        """One validated control command (daemon.messages' schema; typed_handler decoded and will check the
+        reply)."""
         vmm = self.vmm
-        if cmd == "ping":
-            return {"pong": True}
-        if cmd == "stats":
+        if isinstance(req, msg.Ping):
+            return msg.Pong()
+        if isinstance(req, msg.GetStats):
             return self.stats()
         if vmm is None:
             raise RuntimeError("the guest is not running yet")
-        if cmd == "pause":
-            if self.state == "running":
+        if isinstance(req, msg.Pause):
+            if self.state == DmState.RUNNING:
                 if not vmm.pause():
                     raise RuntimeError("vCPUs did not pause within 5 s")
-                self._set_state("paused", "paused by the host")
-            return {"state": self.state}
-        if cmd == "resume":
-            if self.state == "paused":
+                self._set_state(DmState.PAUSED, "paused by the host")
+            return msg.StateReply(self.state)
+        if isinstance(req, msg.Resume):
+            if self.state == DmState.PAUSED:
                 vmm.resume()
-                self._set_state("running", "resumed by the host")
-            return {"state": self.state}
-        if cmd == "stop":
+                self._set_state(DmState.RUNNING, "resumed by the host")
+            return msg.StateReply(self.state)
+        if isinstance(req, msg.Stop):
             vmm.state.request_stop(StopReason("host", "stopped by the host"))
-            return {"state": "stopping"}
-        if cmd == "reset":
+            return msg.Ack()
+        if isinstance(req, msg.Reset):
             vmm.state.request_stop(StopReason("reset", "reset by the host"))
-            return {"state": "resetting"}
-        if cmd == "console_input":
-            raw = args.get("data")
-            if not isinstance(raw, str) or len(raw) > 8192:
-                raise ValueError("console_input: data must be base64 text of at most 6 KiB")
-            try:
-                data = base64.b64decode(raw, validate=True)
-            except ValueError:
-                raise ValueError("console_input: data is not valid base64") from None
+            return msg.Ack()
+        if isinstance(req, msg.ConsoleInput):
             with self._input_lock:
-                if len(self._pending_input) + len(data) > 65536:
+                if len(self._pending_input) + len(req.data) > 65536:
                     raise ValueError("console_input: input buffer full, retry later")
-                self._pending_input += data
+                self._pending_input += req.data
             self._drain_input()
-            return {"accepted": len(data)}
-        raise ValueError(f"unknown command {cmd!r}")
+            return msg.ConsoleInputReply(len(req.data))
+        raise ValueError(f"unknown command {req.cmd!r}")
 
-    def handle_fd(self, cmd: str, args: dict[str, Any], fd: int) -> dict[str, Any]:
+    def handle_fd(self, req: msg.AttachBackend, fd: int) -> msg.AttachBackendReply:
         """``attach_backend {"device": i}`` with a connected socket (control.py checked: one fd, a unix stream
         socket, i in 0..63): the daemon restarted that device's back-end; switch the device over to it."""
         sock = socket.socket(fileno=fd)
         dev = None
         try:
-            i = args["device"]
-            if cmd != "attach_backend" or not 0 <= i < len(self.vhost_devices):
+            i = req.device
+            if not 0 <= i < len(self.vhost_devices):
                 raise ValueError(f"attach_backend: no vhost-user device {i} (this guest has "
                                  f"{len(self.vhost_devices)})")
             if self.vmm is None:
@@ -206,9 +201,9 @@ class DeviceModel:
             if dev is None or dev.sock is not sock:
                 sock.close()
             raise
-        return {"device": i, "resumed": resumed}
+        return msg.AttachBackendReply(i, bool(resumed))
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> msg.Stats:
         vmm = self.vmm
         devices: dict[str, dict[str, int]] = {"console": {"bytes": self.console.written,
                                                           "dropped": self.console.dropped}}
@@ -225,10 +220,10 @@ class DeviceModel:
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         except OSError:
             rss = 0
-        return {"state": self.state, "uptime_s": round(time.monotonic() - self.started, 3), "exits": exits,
-                "devices": devices, "rss_bytes": rss, "vcpus": self.d.vcpus}
+        return msg.Stats(self.state.value, round(time.monotonic() - self.started, 3), exits, devices, rss,
+                         self.d.vcpus)
 
-    def _set_state(self, state: str, reason: str, guest_status: int | None = None) -> None:
+    def _set_state(self, state: DmState, reason: str, guest_status: int | None = None) -> None:
         self.state = state
         if self.control is not None:
             self.control.send_event(state, reason, guest_status)
@@ -248,7 +243,7 @@ class DeviceModel:
         initrd = _read_fd(a.initrd_fd, 1 << 30) if a.initrd_fd is not None else None
         mem_size = d.memory_mib << 20
         mem = GuestMemory.create(layout.ram_layout(mem_size))
-        self.control = ControlServer(a.control_fd, self.handle, self.handle_fd)
+        self.control = ControlServer(a.control_fd, typed_handler(self.handle), typed_fd_handler(self.handle_fd))
         _preload_for(d)
         if not a.no_jail:
             self._enter_jail(mem)
@@ -261,7 +256,7 @@ class DeviceModel:
 
         cfg = MachineConfig(mem_size=mem_size, vcpus=d.vcpus, kernel=kernel, cmdline=d.cmdline, initrd=initrd)
         self.vmm = vmm = Vmm(cfg, kvm=Kvm(fd=a.kvm_fd), serial_sink=self.console, mem=mem).build()
-        vmm.on_device_alert = lambda msg: self._set_state(self.state, msg)  # shows in the daemon's /health
+        vmm.on_device_alert = lambda text: self._set_state(self.state, text)  # shows in the daemon's /health
         self._attach_disks(vmm)
         self._attach_nics(vmm)
         self._attach_rng_console(vmm)
@@ -270,25 +265,16 @@ class DeviceModel:
         vmm.start()
         log.info("startup timeline (wall clock s): imported=%.6f jailed=%.6f built=%.6f running=%.6f modules=%d",
                  T_IMPORTED, t_jailed, t_built, time.time(), len(sys.modules))
-        self._set_state("running", "guest started")
+        self._set_state(DmState.RUNNING, "guest started")
         reason = None
         while reason is None:
             self.control.poll(0.05)
             self._drain_input()
             reason = vmm.wait(0)
         vmm.stop(reason)
-        if reason.kind in ("poweroff", "host"):
-            self._set_state("stopped", reason.message, reason.guest_status)
-            self.exit_code = EXIT_STOPPED
-        elif reason.kind == "reset":
-            self._set_state("stopped", reason.message)
-            self.exit_code = EXIT_RESET
-        elif reason.kind == "crash":
-            self._set_state("crashed", reason.message)
-            self.exit_code = EXIT_CRASH
-        else:
-            self._set_state("crashed", reason.message)
-            self.exit_code = EXIT_ERROR
+        self.exit_code = ExitCode.for_stop(reason.kind)
+        self._set_state(self.exit_code.final_state, reason.message,
+                        reason.guest_status if self.exit_code == ExitCode.STOPPED else None)
         log.info("guest %s stopped: %s", d.name, reason.message)
         self.control.poll(0.05)  # flush the final event to a connected daemon
         return self.exit_code
@@ -297,7 +283,7 @@ class DeviceModel:
         if self.vmm is not None:
             self.vmm.state.request_stop(StopReason("host", "stopped by signal"))
         else:
-            sys.exit(EXIT_STOPPED)
+            sys.exit(ExitCode.STOPPED)
 
     def _attach_disks(self, vmm: Vmm) -> None:
         if not self.d.disks:
@@ -385,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         return DeviceModel(args, definition).run()
     except (ConfigError, LoaderError, KvmError, ValueError, OSError) as e:
         log.error("device model failed: %s", e)
-        return EXIT_ERROR
+        return ExitCode.ERROR
 
 
 if __name__ == "__main__":

@@ -18,12 +18,15 @@ import termios
 import time
 import tty
 
+from daemon.messages import ExitCode
 from kvmcore.kvm import KvmError
 from kvmcore.loader.errors import LoaderError
 from kvmcore.memory import GuestMemoryError
 from kvmcore.vcpu_loop import StopReason
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_RESET, EXIT_CRASH = 0, 1, 2, 3, 4
+# The DM's exit codes (daemon.messages), which `kvmdm run` shares.
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_RESET, EXIT_CRASH = (ExitCode.STOPPED, ExitCode.ERROR, ExitCode.USAGE,
+                                                          ExitCode.RESET, ExitCode.CRASHED)
 _SIZE = re.compile(r"^(\d+)([KMG]?)i?B?$", re.I)
 
 

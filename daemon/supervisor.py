@@ -27,7 +27,6 @@ uid at the same position in the upper half.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
@@ -45,21 +44,17 @@ from pathlib import Path
 from typing import Any
 
 from daemon import backends as bk
+from daemon import messages as msg
 from daemon.config import DEMO_KERNEL, ConfigError, GuestDefinition, parse_definition
 from daemon.control import (
-    EXIT_CRASHED,
-    EXIT_ERROR,
-    EXIT_RESET,
-    EXIT_STOPPED,
     ControlClient,
     ControlClosed,
     ControlError,
     ControlTimeout,
     ProtocolError,
     StateEvent,
-    Stats,
-    validate_stats,
 )
+from daemon.messages import ExitCode, Stats, describe_exit
 from daemon.paths import Paths
 from daemon.store import DefinitionStore, StoreError, atomic_write
 
@@ -272,7 +267,7 @@ class Supervisor:
         asyncio.get_running_loop().add_reader(pidfd, self._on_pidfd, g, g.generation)
         try:
             client = await self._connect(g, timeout=2.0)
-            await client.request("ping", timeout=2.0)
+            await client.call(msg.Ping(), timeout=2.0)
         except (OSError, ControlError, TimeoutError) as e:
             g.note(f"re-attach to DM pid {pid} failed ({e}); killing it")
             self._signal(g, signal.SIGKILL)
@@ -471,7 +466,7 @@ class Supervisor:
         while True:
             try:
                 client = await self._connect(g, timeout=1.0)
-                await client.request("ping", timeout=self.cfg.request_timeout)
+                await client.call(msg.Ping(), timeout=self.cfg.request_timeout)
                 return
             except (OSError, ControlError, TimeoutError):
                 if time.monotonic() > deadline:
@@ -648,7 +643,7 @@ class Supervisor:
                 reason, failure = f"DM killed by signal {signame}", True
             else:
                 code = rc
-                reason, failure = self._describe_code(rc)
+                reason, failure = describe_exit(rc)
         else:
             ev = g.last_event
             if ev is not None and ev.state == "stopped":
@@ -662,18 +657,6 @@ class Supervisor:
             g.guest_status = g.last_event.guest_status
         g.note(f"DM pid {g.pid} exited: {reason}")
         self._after_exit(g, reason, code, failure=failure)
-
-    @staticmethod
-    def _describe_code(rc: int) -> tuple[str, bool]:
-        if rc == EXIT_STOPPED:
-            return "guest powered off (DM exit 0)", False
-        if rc == EXIT_RESET:
-            return "guest requested reset (DM exit 3)", False
-        if rc == EXIT_CRASHED:
-            return "guest crashed (DM exit 4)", True
-        if rc == EXIT_ERROR:
-            return "DM error (DM exit 1)", True
-        return f"DM exited with unexpected code {rc}", True
 
     def _after_exit(self, g: Guest, reason: str, code: int | None, *, failure: bool) -> None:
         """Record the exit and decide, per policy, whether and when to restart."""
@@ -691,7 +674,7 @@ class Supervisor:
         policy = g.definition.restart
         if self._closing or g.stop_requested:
             restart = False
-        elif code == EXIT_RESET:
+        elif code == ExitCode.RESET:
             restart = policy != "never"
         elif failure:
             restart = policy in ("on-failure", "always")
@@ -716,7 +699,7 @@ class Supervisor:
             return
         g.restart_times.append(now)
         g.restarts += 1
-        delay = 0.0 if code == EXIT_RESET else min(
+        delay = 0.0 if code == ExitCode.RESET else min(
             self.cfg.backoff_max, self.cfg.backoff_initial * 2 ** (len(g.restart_times) - 1))
         g.state = "restarting"
         g.note(f"restarting in {delay:.2f} s (restart #{g.restarts})")
@@ -829,7 +812,7 @@ class Supervisor:
             gen = b.generation
             bk.write_pid_file(b)
             try:
-                res = await self._request(g, "attach_backend", {"device": b.spec.device}, fd=sock.fileno())
+                res = await self._request(g, msg.AttachBackend(b.spec.device), fd=sock.fileno())
             except SupervisorError as e:
                 g.note(f"back-end {b.spec.device}: re-attach to the DM failed: {e}")
                 if b.generation != gen or b.pidfd is None or b.stop_requested:
@@ -839,7 +822,7 @@ class Supervisor:
                 self._backend_failed(g, b, f"re-attach to the DM failed: {e}")
                 return
         g.note(f"back-end {b.spec.device} pid {b.pid} re-attached to the DM "
-               f"({'rings resumed' if res.get('resumed') else 'no rings resumed'})")
+               f"({'rings resumed' if res.resumed else 'no rings resumed'})")
 
     def _end_backend(self, b: bk.Backend) -> None:
         """Kill ``b`` (pidfd or our child), reap it, remove its runtime files and, for net, its tap."""
@@ -899,8 +882,8 @@ class Supervisor:
         g.control = client
         return client
 
-    async def _request(self, g: Guest, cmd: str, args: dict[str, Any] | None = None,
-                       timeout: float | None = None, fd: int | None = None) -> dict[str, Any]:
+    async def _request(self, g: Guest, command: msg.Command[msg.R], timeout: float | None = None,
+                       fd: int | None = None) -> msg.R:
         if g.state not in ("running", "paused", "starting", "stopping") or g.pidfd is None:
             raise InvalidState(f"guest {g.name!r} is {g.state}, not running")
         t = self.cfg.request_timeout if timeout is None else timeout
@@ -909,13 +892,15 @@ class Supervisor:
         except (OSError, TimeoutError) as e:
             raise DMTimeout(f"cannot reach the DM of {g.name!r}: {e}") from None
         try:
-            return await client.request(cmd, args, timeout=t, fd=fd)
+            return await client.call(command, timeout=t, fd=fd)
+        except ProtocolError as e:
+            raise DMFault(f"DM of {g.name!r} answered {command.cmd!r} outside the protocol: {e}") from None
         except ControlClosed as e:
             raise InvalidState(f"DM of {g.name!r} closed the control connection: {e}") from None
         except ControlTimeout as e:
             raise DMTimeout(str(e)) from None
         except ControlError as e:
-            raise InvalidState(f"DM refused {cmd!r}: {e}") from None
+            raise InvalidState(f"DM refused {command.cmd!r}: {e}") from None
 
     # ------------------------------------------------------------------------------------ lifecycle commands
 
@@ -934,7 +919,7 @@ class Supervisor:
             g.state = "stopping"
             t = self.cfg.stop_timeout if timeout is None else timeout
             with contextlib.suppress(SupervisorError):
-                await self._request(g, "stop", timeout=min(t, self.cfg.request_timeout))
+                await self._request(g, msg.Stop(), timeout=min(t, self.cfg.request_timeout))
             try:
                 await asyncio.wait_for(g.exited.wait(), t)
             except TimeoutError:
@@ -974,7 +959,7 @@ class Supervisor:
         g = self.get(name)
         if g.state != "running":
             raise InvalidState(f"guest {name!r} is {g.state}, not running")
-        await self._request(g, "pause")
+        await self._request(g, msg.Pause())
         g.state = "paused"
         return g
 
@@ -982,7 +967,7 @@ class Supervisor:
         g = self.get(name)
         if g.state != "paused":
             raise InvalidState(f"guest {name!r} is {g.state}, not paused")
-        await self._request(g, "resume")
+        await self._request(g, msg.Resume())
         g.state = "running"
         return g
 
@@ -990,23 +975,18 @@ class Supervisor:
         g = self.get(name)
         if g.state not in ("running", "paused"):
             raise InvalidState(f"guest {name!r} is {g.state}, not running")
-        await self._request(g, "reset")
+        await self._request(g, msg.Reset())
         g.note("reset")
         return g
 
     async def console_input(self, name: str, data: bytes) -> int:
         g = self.get(name)
-        res = await self._request(g, "console_input", {"data": base64.b64encode(data).decode()})
-        n = res.get("written", len(data))
-        return n if isinstance(n, int) and not isinstance(n, bool) else len(data)
+        reply = await self._request(g, msg.ConsoleInput(data))
+        return reply.accepted
 
     async def stats(self, name: str, timeout: float | None = None) -> Stats:
         g = self.get(name)
-        res = await self._request(g, "stats", timeout=timeout)
-        try:
-            return validate_stats(res)
-        except ProtocolError as e:
-            raise DMFault(f"DM sent invalid stats: {e}") from None
+        return await self._request(g, msg.GetStats(), timeout=timeout)
 
     def dm_rss(self, g: Guest) -> int | None:
         """RSS read by the daemon itself from /proc (not trusting the DM's own figure)."""

@@ -1,6 +1,7 @@
 """A fake device-model process that speaks the real DM contract (argv, fds, control protocol, exit codes).
 
-The daemon's tests point ``--dm-command`` at this script; the real ``daemon.dm`` drops in later. Behaviour is
+The daemon's tests point ``--dm-command`` at this script. It serves the typed commands of daemon.messages through
+the same ``typed_handler`` as the real ``daemon.dm``, so its replies are held to the schema the daemon decodes. Behaviour is
 steered from the guest definition's ``cmdline`` with ``fake.*`` words, so a test chooses it per guest:
 
     fake.exit_after=SECONDS   exit by itself after SECONDS with fake.exit_code (default 0)
@@ -17,7 +18,6 @@ passed exactly the contract's fds, and ``fake-dm: args=...`` with its parsed arg
 from __future__ import annotations
 
 import argparse
-import base64
 import os
 import signal
 import stat
@@ -29,8 +29,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
+from daemon import messages as msg  # noqa: E402
 from daemon.config import ConfigError, parse_definition_json  # noqa: E402
-from daemon.control import ControlServer  # noqa: E402
+from daemon.control import ControlServer, typed_handler  # noqa: E402
+from daemon.messages import DmState, ExitCode  # noqa: E402
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
@@ -62,66 +64,68 @@ class FakeDM:
                 k, v = word[5:].split("=", 1)
                 self.opts[k] = v
         self.console_fd = args.console_fd
-        self.state = "starting"
+        self.state = DmState.STARTING
         self.started = time.monotonic()
         self.exits = {"io": 0, "mmio": 0, "hlt": 0}
         self.resets = 0
         self.console_in = 0
         self.lock = threading.Lock()
-        self.server = ControlServer(args.control_fd, self.handle)
+        self.server = ControlServer(args.control_fd, typed_handler(self.handle))
         self.exit_code: int | None = None
 
     def console(self, text: str) -> None:
         os.write(self.console_fd, text.encode() + b"\n")
 
-    def handle(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+    def handle(self, req: msg.Command[Any]) -> msg.Reply:
         if self.opts.get("hang") == "1":
             time.sleep(3600)
         with self.lock:
-            if cmd == "ping":
-                return {"pong": True}
-            if cmd == "stats":
+            if isinstance(req, msg.Ping):
+                return msg.Pong()
+            if isinstance(req, msg.GetStats):
                 self.exits["io"] += 7
                 self.exits["mmio"] += 3
-                return {"state": self.state, "uptime_s": time.monotonic() - self.started, "exits": dict(self.exits),
-                        "devices": {"serial0": {"tx_bytes": 42, "rx_bytes": self.console_in},
-                                    "virtio-blk0": {"requests": 5}},
-                        "rss_bytes": _rss(), "vcpus": self.definition.vcpus}
-            if cmd == "pause":
-                if self.state != "running":
+                return msg.Stats(self.state, time.monotonic() - self.started, dict(self.exits),
+                                 {"serial0": {"tx_bytes": 42, "rx_bytes": self.console_in},
+                                  "virtio-blk0": {"requests": 5}},
+                                 _rss(), self.definition.vcpus)
+            if isinstance(req, msg.Pause):
+                if self.state != DmState.RUNNING:
                     raise RuntimeError(f"cannot pause in state {self.state}")
-                self.set_state("paused", "paused by daemon")
-                return {}
-            if cmd == "resume":
-                if self.state != "paused":
+                self.set_state(DmState.PAUSED, "paused by daemon")
+                return msg.StateReply(self.state)
+            if isinstance(req, msg.Resume):
+                if self.state != DmState.PAUSED:
                     raise RuntimeError(f"cannot resume in state {self.state}")
-                self.set_state("running", "resumed by daemon")
-                return {}
-            if cmd == "reset":
+                self.set_state(DmState.RUNNING, "resumed by daemon")
+                return msg.StateReply(self.state)
+            if isinstance(req, msg.Reset):
                 self.resets += 1
                 self.started = time.monotonic()
                 self.console(f"fake-dm: reset #{self.resets}")
-                self.set_state("running", "reset by daemon")
-                return {"resets": self.resets}
-            if cmd == "console_input":
-                data = base64.b64decode(args["data"])
-                self.console_in += len(data)
-                self.console("fake-dm: input " + data.decode("utf-8", "replace"))
-                return {"written": len(data)}
-            if cmd == "stop":
+                self.set_state(DmState.RUNNING, "reset by daemon")
+                return msg.Ack()
+            if isinstance(req, msg.ConsoleInput):
+                self.console_in += len(req.data)
+                self.console("fake-dm: input " + req.data.decode("utf-8", "replace"))
+                return msg.ConsoleInputReply(len(req.data))
+            if isinstance(req, msg.Stop):
                 if self.opts.get("ignore_stop") == "1":
-                    return {}
-                self.finish(0, "stopped by daemon")
-                return {}
-        raise RuntimeError(f"unhandled command {cmd}")
+                    return msg.Ack()
+                self.finish(ExitCode.STOPPED, "stopped by daemon")
+                return msg.Ack()
+        raise RuntimeError(f"unhandled command {req.cmd}")
 
-    def set_state(self, state: str, reason: str, guest_status: int | None = None) -> None:
+    def set_state(self, state: DmState, reason: str, guest_status: int | None = None) -> None:
         self.state = state
         self.server.send_event(state, reason, guest_status)
 
     def finish(self, code: int, reason: str) -> None:
         status = int(self.opts["guest_status"]) if "guest_status" in self.opts else None
-        state = {0: "stopped", 3: "stopped", 4: "crashed"}.get(code, "crashed")
+        try:
+            state = ExitCode(code).final_state
+        except ValueError:
+            state = DmState.CRASHED
         self.set_state(state, reason, status)
         self.exit_code = code
         self.server.stop()
@@ -133,7 +137,7 @@ class FakeDM:
         kinds = {"kvm": _kind(a.kvm_fd), "kernel": _kind(a.kernel_fd), "disks": [_kind(x) for x in a.disk_fd]}
         self.console(f"fake-dm: args=jail:{'off' if a.no_jail else a.jail_root} uid={a.uid} gid={a.gid} "
                      f"kinds={kinds}")
-        self.set_state("running", "guest started")
+        self.set_state(DmState.RUNNING, "guest started")
         if "exit_after" in self.opts:
             code = int(self.opts.get("exit_code", "0"))
             threading.Timer(float(self.opts["exit_after"]), self.finish, (code, f"fake exit {code}")).start()
