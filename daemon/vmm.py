@@ -214,9 +214,10 @@ class Vmm:
             StopReason("reset", "guest requested reset (port 0xcf9)"))), PCI_CONFIG_PORT, 8)
 
     def acpi_platform(self) -> AcpiPlatform:
-        """What the ACPI tables describe: this VM's vCPUs on kvmdm's fixed platform (kvmcore.layout). The 64-bit
-        PCI window is declared even though finish() places 64-bit BARs below 4 GiB (reachable by any guest)."""
-        return AcpiPlatform(vcpus=self.cfg.vcpus, rtc_century=REG_CENTURY)
+        """What the ACPI tables describe: this VM's vCPUs on kvmdm's fixed platform (kvmcore.layout). No 64-bit
+        PCI window: finish() places 64-bit BARs below 4 GiB, and a window at layout.PCI_MMIO64_START lies beyond
+        the physical address width of many CPUs (Linux: "host bridge window ... ignored, not CPU addressable")."""
+        return AcpiPlatform(vcpus=self.cfg.vcpus, rtc_century=REG_CENTURY, pci_mmio64=None)
 
     def attach_acpi(self) -> None:
         """The ACPI PM block on the port bus (SCI on its ISA IRQ through an irqfd) and the tables in guest RAM at
