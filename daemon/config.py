@@ -10,7 +10,7 @@ Schema (every key optional unless marked; unknown keys are errors that name the 
     name         str, required, [a-z0-9][a-z0-9_-]{0,62}
     vcpus        int 1..32                      (default 1)
     memory_mib   int 16..65536                  (default 128)
-    kernel       str, required: absolute path, or "demo" (the embedded demo guest, guests.build.build_demo())
+    kernel       str, required: absolute path, or "demo" (the embedded demo guest, kvmcore.util.guest_build.build_demo())
     initrd       str | null: absolute path      (default null)
     cmdline      str, at most 4096 UTF-8 bytes, no NUL (default "")
     disks        list (at most 16) of {path (required, absolute), read_only bool (false),

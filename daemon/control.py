@@ -27,7 +27,6 @@ The server half (:class:`ControlServer`) is selectors-based and imports no async
 
 from __future__ import annotations
 
-import array
 import contextlib
 import itertools
 import json
@@ -62,6 +61,7 @@ from daemon.messages import (
 )
 from daemon.messages import check_keys as _check_keys
 from daemon.messages import is_int as _is_int
+from kvmcore.util.fdpass import recv_with_fds, sendmsg_fds
 
 R = TypeVar("R", bound=Reply)
 
@@ -379,10 +379,9 @@ class ControlClient:
             raise ControlClosed("no socket")
         sock = socket.socket(fileno=os.dup(tsock.fileno()))  # shares the O_NONBLOCK file description
         try:
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
             while True:
                 try:
-                    sent = sock.sendmsg([data], anc)
+                    sent = sendmsg_fds(sock, data, [fd])
                     break
                 except BlockingIOError:
                     await self._asyncio.sleep(0.005)
@@ -556,14 +555,13 @@ class ControlServer:
         if conn is None:
             return
         try:
-            data, anc, flags, _ = conn.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS_PER_MSG * 4))
+            data, fds, truncated = recv_with_fds(conn, 65536, MAX_FDS_PER_MSG)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data, anc, flags = b"", [], 0
-        fds = _fds_from(anc)
-        if fds or flags & socket.MSG_CTRUNC:
-            if flags & socket.MSG_CTRUNC:
+            data, fds, truncated = b"", [], False
+        if fds or truncated:
+            if truncated:
                 fds.append(-1)  # more fds than we accept were sent: the batch can never validate
             self._fd_batches.append(fds)
             if len(self._fd_batches) > MAX_PENDING_FD_BATCHES:
@@ -626,15 +624,3 @@ class ControlServer:
     def _reply(self, data: bytes) -> None:
         with self._send_lock:
             self._send_locked(data)
-
-
-def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    """Every fd of the SCM_RIGHTS messages in ``ancdata`` (a truncated trailing int is ignored: the kernel
-    never installs a partial fd)."""
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            a = array.array("i")
-            a.frombytes(data[: len(data) - len(data) % a.itemsize])
-            fds.extend(a)
-    return fds

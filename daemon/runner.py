@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     vmm = None
     try:
         if args.demo:
-            from guests.build import GuestBuildError, build_demo
+            from kvmcore.util.guest_build import GuestBuildError, build_demo
 
             try:
                 kernel = build_demo().read_bytes()

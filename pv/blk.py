@@ -14,7 +14,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from devices.ratelimit import RateLimitedLog
+from kvmcore.util.ratelimit import RateLimitedLog
 from pv import _libc
 from pv.device import (
     VIRTIO_F_EVENT_IDX,

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 
-from devices.ratelimit import RateLimitedLog
+from kvmcore.util.ratelimit import RateLimitedLog
 from pv.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, VIRTIO_ID_RNG
 from pv.queue import MAX_QUEUE_SIZE, DescriptorChain
 from pv.worker import ChainHandler, Throttled, WorkerDevice

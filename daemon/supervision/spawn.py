@@ -62,7 +62,7 @@ class UidPool:
 def open_kernel(d: GuestDefinition) -> int:
     if d.kernel != DEMO_KERNEL:
         return os.open(d.kernel, os.O_RDONLY | os.O_CLOEXEC)
-    from guests.build import build_demo  # lazy: another package, and building may be slow
+    from kvmcore.util.guest_build import build_demo  # lazy: building may be slow
 
     built: Any = build_demo()
     if isinstance(built, bytes | bytearray):

@@ -28,8 +28,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from devices.ratelimit import RateLimitedLog
 from kvmcore.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
+from kvmcore.util import fdpass
+from kvmcore.util.ratelimit import RateLimitedLog
 from pv.device import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
@@ -650,21 +651,11 @@ _ANC_FDS = 2 * P.MAX_FDS_PER_MESSAGE  # room to notice "too many" instead of the
 
 def recv_with_fds(sock: socket.socket, n: int) -> tuple[bytes, list[int], bool]:
     """One recvmsg of up to ``n`` bytes: (data, fds received, control data truncated)."""
-    data, anc, flags, _addr = sock.recvmsg(n, socket.CMSG_SPACE(_ANC_FDS * 4), socket.MSG_CMSG_CLOEXEC)
-    fds: list[int] = []
-    for level, kind, payload in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(payload) - len(payload) % 4
-            fds.extend(int.from_bytes(payload[i : i + 4], "little", signed=True) for i in range(0, usable, 4))
-    return data, fds, bool(flags & socket.MSG_CTRUNC)
+    return fdpass.recv_with_fds(sock, n, _ANC_FDS, socket.MSG_CMSG_CLOEXEC)
 
 
-def send_with_fds(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
-    """Front-end side helper (tests, fuzzing): one sendmsg carrying ``data`` and ``fds``."""
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, b"".join(fd.to_bytes(4, "little") for fd in fds))] if fds else []
-    sent = sock.sendmsg([data], anc)
-    if sent < len(data):
-        sock.sendall(data[sent:])
+# Front-end side helper (tests, fuzzing): one sendmsg carrying data and fds.
+send_with_fds = fdpass.send_with_fds
 
 
 def serve_connection(conn: socket.socket, session: VhostUserSession) -> str:

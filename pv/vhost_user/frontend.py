@@ -52,6 +52,7 @@ import threading
 from dataclasses import replace
 
 from kvmcore.memory import GuestMemory, GuestMemoryError
+from kvmcore.util.fdpass import send_with_fds
 from pv.device import VIRTIO_ID_BLOCK, VIRTIO_ID_NET, DeviceHealth, QueueConfig, VirtioDevice
 from pv.vhost_user import protocol as P
 
@@ -80,15 +81,12 @@ class VhostUserConnection:
         self.reply_ack = False
         self.lock = threading.Lock()
 
-    def _send(self, request: int, payload: bytes, fds: list[int], flags: int) -> None:
-        data = P.HEADER.pack(request, flags, len(payload)) + payload
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
+    def _send(self, msg: P.Message) -> None:
+        """One frame, encoded by protocol.encode as the back-end's replies are; fds ride on its first byte."""
         try:
-            sent = self.sock.sendmsg([data], anc)
-            if sent < len(data):
-                self.sock.sendall(data[sent:])
+            send_with_fds(self.sock, P.encode(msg), msg.fds)
         except OSError as e:
-            raise BackendError(f"sending {P.Request(request).name}: {e.strerror or e}") from None
+            raise BackendError(f"sending {msg.name()}: {e.strerror or e}") from None
 
     def _recv_exact(self, n: int) -> bytes:
         out = bytearray()
@@ -116,7 +114,7 @@ class VhostUserConnection:
     def get(self, request: int, payload: bytes = b"", max_size: int = 8) -> bytes:
         """A request the back-end always answers (GET_*)."""
         with self.lock:
-            self._send(request, payload, [], P.VHOST_USER_VERSION)
+            self._send(P.Message(request, P.VHOST_USER_VERSION, payload))
             return self._reply(request, max_size)
 
     def get_u64(self, request: int) -> int:
@@ -129,7 +127,7 @@ class VhostUserConnection:
         """A request without a reply; with REPLY_ACK negotiated, wait for the back-end's status."""
         with self.lock:
             flags = P.VHOST_USER_VERSION | (P.FLAG_NEED_REPLY if self.reply_ack else 0)
-            self._send(request, payload, fds or [], flags)
+            self._send(P.Message(request, flags, payload, list(fds or [])))
             if self.reply_ack:
                 data = self._reply(request, 8)
                 if len(data) != 8 or _U64.unpack(data)[0] != 0:
