@@ -28,11 +28,12 @@ import os
 import select
 import struct
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from devices.ratelimit import RateLimitedLog
 from kvmcore.memory import GuestMemory, GuestMemoryError
+from kvmcore.util.ratelimit import RateLimitedLog
 from pv.device import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
@@ -42,6 +43,7 @@ from pv.device import (
     QueueConfig,
     VirtioDevice,
 )
+from pv.devthread import DeviceThread, drain_eventfd
 from pv.errors import InvalidQueueConfig, VirtqueueError
 from pv.queue import MAX_QUEUE_SIZE, DescriptorChain, SplitQueue
 
@@ -291,29 +293,18 @@ class Console(VirtioDevice):
             return bool(self._pending)
 
 
-class _ConsoleLoop:
+class _ConsoleLoop(DeviceThread):
     """The device's worker thread: serve transmitq on kicks, receiveq whenever there is input and buffers."""
 
     def __init__(
         self, dev: Console, rxq: SplitQueue | None, txq: SplitQueue | None, health: DeviceHealth
     ) -> None:
+        super().__init__("virtio-console", health)
         self.dev = dev
         self.rxq = rxq
         self.txq = txq
-        self.health = health
-        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._input_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._self_stopped = False  # stop() called from this thread: _run closes the fds on its way out
+        self._input_fd = self.new_eventfd()
         self.dead = False
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="virtio-console", daemon=True)
-        self._thread.start()
-
-    def in_thread(self) -> bool:
-        return self._thread is not None and self._thread is threading.current_thread()
 
     def wake(self) -> None:
         try:
@@ -321,57 +312,30 @@ class _ConsoleLoop:
         except OSError:
             pass  # closed by a concurrent stop(): nothing to wake
 
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stopping = True
-        os.eventfd_write(self._stop_fd, 1)
-        if self.in_thread():
-            self._self_stopped = True  # needs_reset -> reset from inside _serve: cannot join ourselves
-            return
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                raise TimeoutError(f"virtio-console worker did not stop within {timeout} s")
-        self._close_fds()
-
     def _close_fds(self) -> None:
-        for fd in (self._stop_fd, self._input_fd):
-            if fd >= 0:
-                os.close(fd)
-        self._stop_fd = self._input_fd = -1
+        super()._close_fds()
+        self._input_fd = -1
 
-    def _run(self) -> None:
-        ep = select.epoll()
-        try:
-            ep.register(self._stop_fd, select.EPOLLIN)
-            ep.register(self._input_fd, select.EPOLLIN)
-            for q in (self.rxq, self.txq):
-                if q is not None:
-                    ep.register(q.kick_fd, select.EPOLLIN)
-            # Serve once at start: the driver may have queued output (or we input) before DRIVER_OK.
-            again = True
-            while not self._stopping and not self.dead:
-                if not again:
-                    for fd, _ev in ep.poll(-1):
-                        if fd == self._stop_fd:
-                            return
-                        try:
-                            os.eventfd_read(fd)
-                        except BlockingIOError:
-                            pass
-                    if self._stopping:
+    def loop(self, ep: select.epoll, stop_fd: int) -> None:
+        ep.register(self._input_fd, select.EPOLLIN)
+        for q in (self.rxq, self.txq):
+            if q is not None:
+                ep.register(q.kick_fd, select.EPOLLIN)
+        # Serve once at start: the driver may have queued output (or we input) before DRIVER_OK.
+        again = True
+        while not self._stopping and not self.dead:
+            if not again:
+                for fd, _ev in ep.poll(-1):
+                    if fd == stop_fd:
                         return
-                again = False
-                if self.txq is not None:
-                    again |= self._serve(self.txq, self.dev.handle_tx, lambda: True)
-                if self.rxq is not None and not self.dead:
-                    again |= self._serve(self.rxq, self.dev.fill_rx, self.dev.has_input)
-        except Exception:  # never let anything out of the thread
-            log.exception("virtio-console worker crashed")
-            self._fail("virtio-console worker crashed")
-        finally:
-            ep.close()
-            if self._self_stopped:
-                self._close_fds()
+                    drain_eventfd(fd)
+                if self._stopping:
+                    return
+            again = False
+            if self.txq is not None:
+                again |= self._serve(self.txq, self.dev.handle_tx, lambda: True)
+            if self.rxq is not None and not self.dead:
+                again |= self._serve(self.rxq, self.dev.fill_rx, self.dev.has_input)
 
     def _serve(self, q: SplitQueue, handler: object, want: object) -> bool:
         """Pop and handle chains while ``want()``; True if the budget ran out (come back without a kick)."""
@@ -398,13 +362,9 @@ class _ConsoleLoop:
         except (VirtqueueError, GuestMemoryError) as e:
             self.dev.metrics.guest_errors += 1
             self.dev._rlog.warning("virtio-console queue %d: %s", q.index, e)
-            try:
-                q.signal_used()  # completed chains reach the driver before it sees NEEDS_RESET
-            except Exception:
-                pass
-            self._fail(f"console queue {q.index}: {e}")
+            self.fail(f"console queue {q.index}: {e}", [q])
         return False
 
-    def _fail(self, reason: str) -> None:
+    def fail(self, reason: str, queues: Iterable[SplitQueue | None] = ()) -> None:
         self.dead = True
-        self.health.needs_reset(reason)
+        super().fail(reason, queues)

@@ -26,11 +26,10 @@ import logging
 import os
 import select
 import struct
-import threading
 from dataclasses import dataclass
 
-from devices.ratelimit import RateLimitedLog
 from kvmcore.memory import GuestMemory, GuestMemoryError
+from kvmcore.util.ratelimit import RateLimitedLog
 from pv import netring, tap
 from pv.device import (
     VIRTIO_F_EVENT_IDX,
@@ -41,6 +40,7 @@ from pv.device import (
     QueueConfig,
     VirtioDevice,
 )
+from pv.devthread import DeviceThread, drain_eventfd
 from pv.errors import InvalidQueueConfig, VirtqueueError
 from pv.queue import MAX_QUEUE_SIZE, DescriptorChain, SplitQueue
 
@@ -630,124 +630,72 @@ class Net(VirtioDevice):
         self._queues = []
 
 
-class _NetLoop:
+class _NetLoop(DeviceThread):
     """The device thread: epoll over stop, kicks and the tap; calls the engine; never raises."""
 
     def __init__(self, engine: NetEngine, tap_fd: int, health: DeviceHealth, metrics: NetMetrics) -> None:
+        super().__init__("virtio-net", health)
         self.engine = engine
         self.fd = tap_fd
-        self.health = health
         self.metrics = metrics
-        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._stopping = False
-        self._close_in_thread = False
-        self._thread: threading.Thread | None = None
         self._rlog = RateLimitedLog(log)
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="virtio-net", daemon=True)
-        self._thread.start()
-
-    def in_thread(self) -> bool:
-        return self._thread is threading.current_thread()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stopping = True
-        if self._stop_fd < 0:
-            return
-        os.eventfd_write(self._stop_fd, 1)
-        if self.in_thread():
-            # reset() from our own needs_reset(): the loop exits when that returns and closes the fd itself.
-            self._close_in_thread = True
-            return
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                raise TimeoutError(f"virtio-net worker did not stop within {timeout} s")
-        os.close(self._stop_fd)
-        self._stop_fd = -1
-
-    def _run(self) -> None:
+    def loop(self, ep: select.epoll, stop_fd: int) -> None:
         eng = self.engine
         m = self.metrics
         rx_kick, tx_kick = eng.rxq.kick_fd, eng.txq.kick_fd
-        ep = select.epoll()
         tap_mask = 0
         tap_dead = False
-        try:
-            ep.register(self._stop_fd, select.EPOLLIN)
-            for fd in (rx_kick, tx_kick):
-                if fd >= 0:
-                    ep.register(fd, select.EPOLLIN)
-            ep.register(self.fd, 0)
-            rx_pending = tx_pending = True  # serve whatever is already queued at DRIVER_OK
-            while not self._stopping:
-                # Tap interest: readable unless the driver has no rx buffers (then only its rx kick wakes us:
-                # backpressure without dropping or spinning); writable only while tx waits for room.
-                want = (0 if eng.rx_waiting_for_buffers else select.EPOLLIN) | (
-                    select.EPOLLOUT if eng.tx_waiting_for_tap else 0
-                )
-                if want != tap_mask and not tap_dead:
-                    ep.modify(self.fd, want)
-                    tap_mask = want
-                for fd, ev in ep.poll(0 if rx_pending or tx_pending else -1):
-                    if fd == self._stop_fd:
-                        return
-                    if fd == rx_kick:
-                        _drain(fd)
-                        m.rx_kicks += 1
+        for fd in (rx_kick, tx_kick):
+            if fd >= 0:
+                ep.register(fd, select.EPOLLIN)
+        ep.register(self.fd, 0)
+        rx_pending = tx_pending = True  # serve whatever is already queued at DRIVER_OK
+        while not self._stopping:
+            # Tap interest: readable unless the driver has no rx buffers (then only its rx kick wakes us:
+            # backpressure without dropping or spinning); writable only while tx waits for room.
+            want = (0 if eng.rx_waiting_for_buffers else select.EPOLLIN) | (
+                select.EPOLLOUT if eng.tx_waiting_for_tap else 0
+            )
+            if want != tap_mask and not tap_dead:
+                ep.modify(self.fd, want)
+                tap_mask = want
+            for fd, ev in ep.poll(0 if rx_pending or tx_pending else -1):
+                if fd == stop_fd:
+                    return
+                if fd == rx_kick:
+                    drain_eventfd(fd)
+                    m.rx_kicks += 1
+                    rx_pending = True
+                elif fd == tx_kick:
+                    drain_eventfd(fd)
+                    m.tx_kicks += 1
+                    tx_pending = True
+                elif fd == self.fd:
+                    if ev & (select.EPOLLERR | select.EPOLLHUP):
+                        # The interface went away (tun_chr_poll reports EPOLLERR) or a stand-in peer hung
+                        # up. Level-triggered, so stop watching it or we would spin; drain what is left.
+                        self._rlog.warning("virtio-net: tap fd %d reported error/hangup; rx stops", self.fd)
+                        ep.unregister(self.fd)
+                        tap_dead = True
                         rx_pending = True
-                    elif fd == tx_kick:
-                        _drain(fd)
-                        m.tx_kicks += 1
+                    if ev & select.EPOLLIN:
+                        rx_pending = True
+                    if ev & select.EPOLLOUT:
                         tx_pending = True
-                    elif fd == self.fd:
-                        if ev & (select.EPOLLERR | select.EPOLLHUP):
-                            # The interface went away (tun_chr_poll reports EPOLLERR) or a stand-in peer hung
-                            # up. Level-triggered, so stop watching it or we would spin; drain what is left.
-                            self._rlog.warning("virtio-net: tap fd %d reported error/hangup; rx stops", self.fd)
-                            ep.unregister(self.fd)
-                            tap_dead = True
-                            rx_pending = True
-                        if ev & select.EPOLLIN:
-                            rx_pending = True
-                        if ev & select.EPOLLOUT:
-                            tx_pending = True
-                if self._stopping:
-                    return
-                try:
-                    if tx_pending:
-                        tx_pending = eng.process_tx()
-                    if rx_pending:
-                        rx_pending, _empty = eng.process_rx()
-                except (VirtqueueError, GuestMemoryError) as e:
-                    m.guest_errors += 1
-                    self._rlog.warning("virtio-net: %s", e)
-                    self._fail(str(e))
-                    return
-        except Exception as e:  # a device bug: never let it out of the thread
-            m.device_errors += 1
-            log.exception("virtio-net worker crashed")
-            self._fail(f"device error: {e!r}")
-        finally:
-            ep.close()
-            if self._close_in_thread and self._stop_fd >= 0:
-                os.close(self._stop_fd)
-                self._stop_fd = -1
-
-    def _fail(self, reason: str) -> None:
-        eng = self.engine
-        for q in (eng.rxq, eng.txq):
+            if self._stopping:
+                return
             try:
-                q.signal_used()  # completed chains must reach the driver before it sees NEEDS_RESET
-            except Exception:
-                pass
-        self._stopping = True
-        self.health.needs_reset(f"net: {reason}")
+                if tx_pending:
+                    tx_pending = eng.process_tx()
+                if rx_pending:
+                    rx_pending, _empty = eng.process_rx()
+            except (VirtqueueError, GuestMemoryError) as e:
+                m.guest_errors += 1
+                self._rlog.warning("virtio-net: %s", e)
+                self.fail(f"net: {e}", (eng.rxq, eng.txq))
+                return
 
-
-def _drain(fd: int) -> None:
-    try:
-        os.eventfd_read(fd)
-    except BlockingIOError:
-        pass
+    def crashed(self, e: Exception) -> None:
+        self.metrics.device_errors += 1
+        self.fail(f"net: device error: {e!r}", (self.engine.rxq, self.engine.txq))

@@ -10,17 +10,16 @@ out of the thread.
 from __future__ import annotations
 
 import logging
-import os
 import select
-import threading
 import time
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from devices.ratelimit import RateLimitedLog
 from kvmcore.memory import GuestMemory, GuestMemoryError
+from kvmcore.util.ratelimit import RateLimitedLog
 from pv.device import VIRTIO_F_INDIRECT_DESC, DeviceHealth, QueueConfig, VirtioDevice
+from pv.devthread import DeviceThread, drain_eventfd
 from pv.errors import InvalidQueueConfig, VirtqueueError
 from pv.queue import DescriptorChain, SplitQueue
 
@@ -55,7 +54,7 @@ class _QueueState:
     dead: bool = False
 
 
-class QueueWorker:
+class QueueWorker(DeviceThread):
     """Serves ``queues`` in one thread until :meth:`stop`. ``budget`` bounds chains per queue per round."""
 
     def __init__(
@@ -66,13 +65,11 @@ class QueueWorker:
         *,
         budget: int | None = None,
     ) -> None:
+        super().__init__(f"virtio-{name}", health)
         self.name = name
         self._health = health
         self._states = [_QueueState(q, h) for q, h in queues]
         self._budget = budget
-        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._thread: threading.Thread | None = None
-        self._stopping = False
         self._rlog = RateLimitedLog(log)
         self.guest_errors = 0
         self.device_errors = 0
@@ -86,77 +83,44 @@ class QueueWorker:
     def is_serving(self, queue_index: int) -> bool:
         return any(st.queue.index == queue_index and not st.dead for st in self._states)
 
-    # ----------------------------------------------------------------- lifecycle
-    def start(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError("worker already started")
-        self._thread = threading.Thread(target=self._run, name=f"virtio-{self.name}", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Ask the thread to stop after the chain it is serving, and wait for it."""
-        self._stopping = True
-        if self._thread is not None:
-            os.eventfd_write(self._stop_fd, 1)
-            if self.in_worker_thread():
-                # reset() called back from our own needs_reset(): the loop exits when _serve returns and
-                # closes the stop eventfd itself.
-                self._thread = None
-                return
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                raise TimeoutError(f"virtio worker {self.name} did not stop within {timeout} s")
-            self._thread = None
-        if self._stop_fd >= 0:
-            os.close(self._stop_fd)
-            self._stop_fd = -1
-
     def in_worker_thread(self) -> bool:
-        return self._thread is not None and self._thread is threading.current_thread()
+        return self.in_thread()
 
     # ----------------------------------------------------------------- the loop
-    def _run(self) -> None:
-        ep = select.epoll()
-        try:
-            ep.register(self._stop_fd, select.EPOLLIN)
-            by_fd: dict[int, _QueueState] = {}
+    def loop(self, ep: select.epoll, stop_fd: int) -> None:
+        by_fd: dict[int, _QueueState] = {}
+        for st in self._states:
+            ep.register(st.queue.kick_fd, select.EPOLLIN)
+            by_fd[st.queue.kick_fd] = st
+        while True:
+            timeout = self._poll_timeout()
+            for fd, _ev in ep.poll(timeout):
+                if fd == stop_fd:
+                    return
+                st = by_fd[fd]
+                drain_eventfd(fd)
+                st.stats.kicks += 1
+                if not st.dead:
+                    st.pending = True
+            now = time.monotonic()
             for st in self._states:
-                ep.register(st.queue.kick_fd, select.EPOLLIN)
-                by_fd[st.queue.kick_fd] = st
-            while True:
-                timeout = self._poll_timeout()
-                for fd, _ev in ep.poll(timeout):
-                    if fd == self._stop_fd:
-                        return
-                    st = by_fd[fd]
-                    self._drain_kick(fd)
-                    st.stats.kicks += 1
-                    if not st.dead:
-                        st.pending = True
-                now = time.monotonic()
-                for st in self._states:
-                    if self._stopping:
-                        return
-                    if st.dead:
+                if self._stopping:
+                    return
+                if st.dead:
+                    continue
+                if st.retry_at is not None:
+                    if now < st.retry_at:
                         continue
-                    if st.retry_at is not None:
-                        if now < st.retry_at:
-                            continue
-                        st.retry_at = None
-                        st.pending = True
-                    if st.pending:
-                        self._serve(st)
-                        if st.dead:
-                            ep.unregister(st.queue.kick_fd)
-        except Exception:  # never let anything out of the thread
-            log.exception("virtio worker %s crashed", self.name)
-            self.device_errors += 1
-            self._health.needs_reset(f"virtio worker {self.name} crashed")
-        finally:
-            ep.close()
-            if self._stopping and self._thread is None and self._stop_fd >= 0:
-                os.close(self._stop_fd)  # stop() was called from this thread and could not wait for us
-                self._stop_fd = -1
+                    st.retry_at = None
+                    st.pending = True
+                if st.pending:
+                    self._serve(st)
+                    if st.dead:
+                        ep.unregister(st.queue.kick_fd)
+
+    def crashed(self, e: Exception) -> None:
+        self.device_errors += 1
+        self._health.needs_reset(f"virtio worker {self.name} crashed")
 
     def _poll_timeout(self) -> float:
         if any(st.pending and not st.dead and st.retry_at is None for st in self._states):
@@ -165,13 +129,6 @@ class QueueWorker:
         if retry:
             return max(0.0, min(retry) - time.monotonic())
         return -1
-
-    @staticmethod
-    def _drain_kick(fd: int) -> None:
-        try:
-            os.eventfd_read(fd)
-        except BlockingIOError:
-            pass
 
     def _serve(self, st: _QueueState) -> None:
         """Pop until empty (or out of budget / throttled), then signal once (§2.7.7, §2.7.10)."""
