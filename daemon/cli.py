@@ -275,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("stats", cmd_stats, "the DM's statistics")
     add("health", cmd_health, "daemon and guest health", with_name=False)
     add("metrics", cmd_metrics, "Prometheus metrics", with_name=False)
-    sp = sub.add_parser("run", help="run one guest in the foreground without the daemon (see kvmdm run -h)",
+    sp = sub.add_parser("run", help="run a guest definition (or --kernel/--demo) in the foreground without the "
+                                    "daemon, disks and nics included (see kvmdm run -h)",
                         add_help=False)
     sp.set_defaults(fn=None)
     return p

@@ -24,7 +24,6 @@ import os
 import resource
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
@@ -32,13 +31,14 @@ from pathlib import Path
 from typing import Any
 
 # Imported up front on purpose: the jail has no filesystem, so nothing may be imported lazily after step 3
-# (the virtio modules a guest's devices need are imported by _preload_for, still before the jail).
+# (the virtio modules a guest's devices need are imported by daemon.builder.preload_for, still before the jail).
 import daemon.vmm  # noqa: F401
 from daemon import messages as msg
+from daemon.builder import GuestResources, build_vm, preload_for
 from daemon.config import ConfigError, GuestDefinition, parse_definition
 from daemon.control import ControlServer, typed_fd_handler, typed_handler
 from daemon.messages import DmState, ExitCode
-from daemon.vmm import MachineConfig, Vmm
+from daemon.vmm import Vmm
 from kvmcore import layout
 from kvmcore.kvm import Kvm, KvmError
 from kvmcore.loader.errors import LoaderError
@@ -47,7 +47,6 @@ from kvmcore.vcpu_loop import StopReason, install_kick_handler
 
 log = logging.getLogger("kvmdm.dm")
 
-VIRTIO_BLK_CONFIG_SIZE = 60  # struct virtio_blk_config up to write_zeroes_may_unmap (virtio 1.2 §5.2.4)
 # Wall clock when every import was done: the start of the startup timeline logged once the vCPUs run
 # (bench/daemon.py reads it to split create->first-serial-byte into DM startup and guest boot).
 T_IMPORTED = time.time()
@@ -96,22 +95,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--uid", type=int)
     p.add_argument("--gid", type=int)
     return p.parse_args(argv)
-
-
-def _preload_for(d: GuestDefinition) -> None:
-    """Import, before the jail, what this guest's devices need. The virtio PCI transport and the block backend
-    cost ~25 ms of DM startup (bench/daemon.py), so a guest without virtio devices does not pay for them."""
-    if d.disks or d.nics or d.rng or d.console2:
-        import devices.virtio_pci  # noqa: F401
-        import pv.blk  # noqa: F401
-    if d.rng:
-        import pv.rng  # noqa: F401
-    if d.console2:
-        import pv.console  # noqa: F401
-    if d.nics:
-        import pv.net  # noqa: F401
-    if any(disk.backend == "vhost-user" for disk in d.disks) or any(nic.backend == "vhost-user" for nic in d.nics):
-        import pv.vhost_user.frontend  # noqa: F401
 
 
 def _read_fd(fd: int, limit: int) -> bytes:
@@ -244,7 +227,7 @@ class DeviceModel:
         mem_size = d.memory_mib << 20
         mem = GuestMemory.create(layout.ram_layout(mem_size))
         self.control = ControlServer(a.control_fd, typed_handler(self.handle), typed_fd_handler(self.handle_fd))
-        _preload_for(d)
+        preload_for(d)
         if not a.no_jail:
             self._enter_jail(mem)
         t_jailed = time.time()
@@ -254,13 +237,12 @@ class DeviceModel:
         signal.signal(signal.SIGTERM, lambda *_: self._stop_from_signal())
         signal.signal(signal.SIGINT, lambda *_: self._stop_from_signal())
 
-        cfg = MachineConfig(mem_size=mem_size, vcpus=d.vcpus, kernel=kernel, cmdline=d.cmdline, initrd=initrd)
-        self.vmm = vmm = Vmm(cfg, kvm=Kvm(fd=a.kvm_fd), serial_sink=self.console, mem=mem).build()
-        vmm.on_device_alert = lambda text: self._set_state(self.state, text)  # shows in the daemon's /health
-        self._attach_disks(vmm)
-        self._attach_nics(vmm)
-        self._attach_rng_console(vmm)
-        vmm.finish()
+        # The one recipe (daemon.builder) on the fds the daemon prepared; it owns them from here on.
+        res = GuestResources(kernel=kernel, initrd=initrd, disks=list(a.disk_fd), nics=list(a.tap_fd))
+        built = build_vm(d, res, kvm=Kvm(fd=a.kvm_fd), serial_sink=self.console, mem=mem,
+                         on_device_alert=lambda text: self._set_state(self.state, text))  # shows in /health
+        self.vmm = vmm = built.vmm
+        self.vhost_devices = built.vhost_devices
         t_built = time.time()
         vmm.start()
         log.info("startup timeline (wall clock s): imported=%.6f jailed=%.6f built=%.6f running=%.6f modules=%d",
@@ -284,59 +266,6 @@ class DeviceModel:
             self.vmm.state.request_stop(StopReason("host", "stopped by signal"))
         else:
             sys.exit(ExitCode.STOPPED)
-
-    def _attach_disks(self, vmm: Vmm) -> None:
-        if not self.d.disks:
-            return  # pv.blk was not preloaded (_preload_for), and importing in the jail fails
-        from pv.blk import Block
-
-        for disk, fd in zip(self.d.disks, self.args.disk_fd, strict=False):
-            if disk.backend == "vhost-user":
-                # fd is a unix socket the daemon connected to the back-end: the jailed DM cannot connect().
-                from pv.device import VIRTIO_ID_BLOCK
-                from pv.vhost_user.frontend import VhostUserDevice
-
-                dev = VhostUserDevice(socket.socket(fileno=fd), VIRTIO_ID_BLOCK, num_queues=1,
-                                      config_size=VIRTIO_BLK_CONFIG_SIZE)
-                self.vhost_devices.append(dev)
-                vmm.attach_virtio(dev)
-            else:
-                vmm.attach_virtio(Block(fd, read_only=disk.read_only, serial=disk.serial))
-
-    def _attach_rng_console(self, vmm: Vmm) -> None:
-        """virtio-rng and the second console (virtio-console), after disks and nics, when the definition asks.
-        The console shares COM1's capped log; its lines carry a "[hvc0] " prefix so the streams stay apart.
-        Host input (console_input) still goes to COM1 only."""
-        if self.d.rng:
-            from pv.rng import Rng
-
-            vmm.attach_virtio(Rng())
-        if self.d.console2:
-            from pv.console import Console, LinePrefixSink
-
-            vmm.attach_virtio(Console(LinePrefixSink(self.console)))
-
-    def _attach_nics(self, vmm: Vmm) -> None:
-        if not self.d.nics:
-            return  # pv.net was not preloaded (_preload_for)
-        from pv.net import Net
-
-        if len(self.args.tap_fd) != len(self.d.nics):
-            raise ConfigError([f"{len(self.d.nics)} nics but {len(self.args.tap_fd)} --tap-fd"])
-        for nic, fd in zip(self.d.nics, self.args.tap_fd, strict=True):
-            if nic.backend == "vhost-user":
-                # fd is a unix socket connected to the daemon-managed net back-end (which holds the tap).
-                from pv.device import VIRTIO_ID_NET
-                from pv.vhost_user.frontend import VhostUserDevice
-
-                # The front-end owns net's config space (MAC, link up, one queue pair), as QEMU does.
-                mac = bytes.fromhex(nic.mac.replace(":", ""))
-                dev = VhostUserDevice(socket.socket(fileno=fd), VIRTIO_ID_NET, num_queues=2,
-                                      config=struct.pack("<6sHHH", mac, 1, 1, 0))
-                self.vhost_devices.append(dev)
-                vmm.attach_virtio(dev)
-                continue
-            vmm.attach_virtio(Net(fd, bytes.fromhex(nic.mac.replace(":", ""))))
 
     def _enter_jail(self, mem: GuestMemory) -> None:
         from daemon.jail import JailConfig, Rlimits, enter_jail
