@@ -82,6 +82,7 @@ class BuiltVm:
     vhost_devices: list[Any] = field(default_factory=list)
     devices: list[VirtioDevice] = field(default_factory=list)  # every virtio backend in attach (PCI slot) order
     owned_fds: list[int] = field(default_factory=list)  # image and tap fds (vhost-user sockets: their devices)
+    console_log: Any = None  # the pv.console.SharedConsoleLog of COM1 and hvc0, when there is a second console
     closed: bool = False
 
     def close(self) -> None:
@@ -90,6 +91,8 @@ class BuiltVm:
             return
         self.closed = True
         self.vmm.close()
+        if self.console_log is not None:
+            self.console_log.close()  # what the second console wrote last reaches the log
         _close_all(self.vhost_devices, self.owned_fds)
 
 
@@ -205,8 +208,9 @@ def attach_nics(vm: VirtioAttachable, d: GuestDefinition, fds: Sequence[int], bu
 def attach_rng_console(vm: VirtioAttachable, d: GuestDefinition, console_sink: SerialSink | None,
                        built: BuiltVm) -> None:
     """virtio-rng and the second console (virtio-console), after disks and nics, when the definition asks.
-    The console's lines carry a "[hvc0] " prefix on ``console_sink`` (COM1's sink) so the streams stay apart;
-    host input still goes to COM1 only."""
+    ``console_sink`` is the second console's stream of the console log it shares with COM1
+    (pv.console.SharedConsoleLog: whole lines with a "[hvc0] " prefix, between COM1's lines); host input still
+    goes to COM1 only."""
     dev: VirtioDevice
     if d.rng:
         from pv.rng import Rng
@@ -215,9 +219,9 @@ def attach_rng_console(vm: VirtioAttachable, d: GuestDefinition, console_sink: S
         vm.attach_virtio(dev)
         built.devices.append(dev)
     if d.console2:
-        from pv.console import Console, LinePrefixSink
+        from pv.console import Console
 
-        dev = Console(LinePrefixSink(console_sink if console_sink is not None else _Discard()))
+        dev = Console(console_sink if console_sink is not None else _Discard())
         vm.attach_virtio(dev)
         built.devices.append(dev)
 
@@ -237,24 +241,30 @@ def build_vm(d: GuestDefinition, res: GuestResources, *, serial_sink: SerialSink
     """Assemble the VM for ``d`` from ``res`` (whose fds it takes over, see the module docstring).
 
     ``kvm``/``mem``: the DM's /dev/kvm fd and the guest RAM it allocated before its jail. ``serial_sink`` gets
-    COM1 and, prefixed, the second console. ``vmm_factory`` replaces daemon.vmm.Vmm (unit tests).
+    COM1 and, as whole prefixed lines between COM1's lines, the second console. ``vmm_factory`` replaces daemon.vmm.Vmm (unit tests).
     """
     owned = res.fds()
+    com1_sink, hvc0_sink, shared = serial_sink, serial_sink, None
     try:
         check_resources(d, res)
+        if d.console2 and serial_sink is not None:
+            from pv.console import SharedConsoleLog
+
+            shared = SharedConsoleLog(serial_sink)
+            com1_sink, hvc0_sink = shared.primary, shared.secondary
         if vmm_factory is None:
             from daemon.vmm import Vmm
 
             vmm_factory = Vmm
-        vmm = vmm_factory(machine_config(d, res, mem_size=mem_size), kvm=kvm, serial_sink=serial_sink, mem=mem)
+        vmm = vmm_factory(machine_config(d, res, mem_size=mem_size), kvm=kvm, serial_sink=com1_sink, mem=mem)
     except BaseException:
         _close_all((), owned)
         raise
-    built = BuiltVm(vmm, owned_fds=owned)
+    built = BuiltVm(vmm, owned_fds=owned, console_log=shared)
     try:
         vmm.on_device_alert = on_device_alert
         vmm.build()
-        attach_devices(vmm, d, res, built, serial_sink)
+        attach_devices(vmm, d, res, built, hvc0_sink)
         vmm.finish()
     except BaseException:
         built.close()

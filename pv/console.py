@@ -28,9 +28,10 @@ import os
 import select
 import struct
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from kvmcore.memory import GuestMemory, GuestMemoryError
 from kvmcore.util.ratelimit import RateLimitedLog
@@ -87,28 +88,126 @@ class ConsoleSink(Protocol):
     def write(self, data: bytes) -> None: ...
 
 
-class LinePrefixSink:
-    """Puts ``prefix`` at the start of every line written through it (for sharing one log with COM1).
+class SharedConsoleLog:
+    """COM1 and the virtio console in one console log, never mixed within a line.
 
-    The DM sends the virtio console to the same console log as COM1, each of its lines starting with the prefix
-    (default ``"[hvc0] "``), so the two streams stay tell-apart when they interleave at line boundaries.
+    COM1 (``primary``) is the interactive console and arrives byte by byte from the UART, so it is written through
+    at once. The virtio console (``secondary``) goes in whole lines, each starting with ``prefix``, and only
+    between COM1's lines: while COM1 is mid-line its lines wait for COM1's newline, or for COM1 to stay quiet for
+    ``hold`` seconds (a prompt), when the log gets a line break first. Without this a line the guest wrote to
+    hvc0 lands inside a COM1 line that the UART is still transmitting (the guest's tty drains asynchronously),
+    and whoever parses the log loses both. A secondary line longer than ``max_line`` is cut there.
+
+    Thread-safe: COM1 writes from vCPU threads, the console from its device thread, a held line from a timer.
+    A primary sink error propagates to the UART (which counts it); a secondary one is counted in ``dropped``.
     """
 
-    def __init__(self, sink: ConsoleSink, prefix: bytes = b"[hvc0] ") -> None:
+    def __init__(self, sink: ConsoleSink, prefix: bytes = b"[hvc0] ", *, hold: float = 0.25,
+                 max_line: int = 4096, clock: Callable[[], float] = time.monotonic,
+                 timer: Callable[[float, Callable[[], None]], Any] | None = None) -> None:
         self.sink = sink
         self.prefix = prefix
-        self._at_line_start = True
+        self.hold = hold
+        self.max_line = max_line
+        self.dropped = 0
+        self._clock = clock
+        self._timer_factory = timer if timer is not None else _daemon_timer
+        self._timer: Any = None
+        self._lock = threading.Lock()
+        self._mid_line = False  # the log's last byte is not a newline: COM1 owns the line
+        self._last_primary = 0.0
+        self._partial = bytearray()  # the secondary's unfinished line
+        self._held = bytearray()  # the secondary's finished lines, prefixed, waiting for a line start
+        self.primary: ConsoleSink = _Stream(self._write_primary)
+        self.secondary: ConsoleSink = _Stream(self._write_secondary)
 
-    def write(self, data: bytes) -> None:
+    def _write_primary(self, data: bytes) -> None:
         if not data:
             return
+        with self._lock:
+            self.sink.write(data)
+            self._last_primary = self._clock()
+            self._mid_line = not data.endswith(b"\n")
+            if not self._mid_line:
+                self._flush_held()
+
+    def _write_secondary(self, data: bytes) -> None:
+        with self._lock:
+            self._partial += data
+            cut = self._partial.rfind(b"\n") + 1
+            if not cut and len(self._partial) >= self.max_line:
+                self._partial += b"\n"
+                cut = len(self._partial)
+            if cut:
+                self._held += self._prefixed(self._partial[:cut])
+                del self._partial[:cut]
+            self._pump()
+
+    def _prefixed(self, lines: bytearray) -> bytes:
         out = bytearray()
-        for line in data.splitlines(keepends=True):
-            if self._at_line_start:
-                out += self.prefix
-            out += line
-            self._at_line_start = line.endswith(b"\n")
-        self.sink.write(bytes(out))
+        start = 0
+        while start < len(lines):
+            end = lines.index(b"\n", start) + 1
+            out += self.prefix + lines[start:end]
+            start = end
+        return bytes(out)
+
+    def _pump(self) -> None:
+        """Under the lock: write what is held if COM1 is at a line start or has been quiet long enough."""
+        if not self._held:
+            return
+        if self._mid_line:
+            quiet = self._clock() - self._last_primary
+            if quiet < self.hold:
+                if self._timer is None:
+                    self._timer = self._timer_factory(self.hold - quiet, self._expire)
+                return
+            self._emit(b"\n")  # break COM1's quiet partial line; its next bytes start a new line
+            self._mid_line = False
+        self._flush_held()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self._timer = None
+            self._pump()
+
+    def _flush_held(self) -> None:
+        if self._held:
+            data = bytes(self._held)
+            self._held.clear()
+            self._emit(data)
+
+    def _emit(self, data: bytes) -> None:
+        try:
+            self.sink.write(data)
+        except OSError:
+            self.dropped += len(data)
+
+    def close(self) -> None:
+        """Write out whatever is still held or unfinished (the guest is gone)."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._partial:
+                self._held += self._prefixed(self._partial + b"\n")
+                self._partial.clear()
+            if self._held and self._mid_line:
+                self._emit(b"\n")
+                self._mid_line = False
+            self._flush_held()
+
+
+class _Stream:
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self.write = write
+
+
+def _daemon_timer(delay: float, fn: Callable[[], None]) -> threading.Timer:
+    t = threading.Timer(delay, fn)
+    t.daemon = True
+    t.start()
+    return t
 
 
 @dataclass

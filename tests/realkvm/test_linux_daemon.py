@@ -84,17 +84,18 @@ def test_linux_reaches_userspace_under_the_jailed_dm_and_drives_every_device(
     print(console[-4000:])
     assert "GUEST-READY" in console, console[-3000:]
     assert chk.get("mode") == "full", console[-3000:]
-    assert chk["nproc"] == "2"
-    assert chk["hwrng"].startswith("virtio_rng") and chk["hwrng_bytes"] == "64", chk
-    assert chk["hvc0_write"] == "0" and "[hvc0] hello from hvc0" in console
+    assert chk.get("nproc") == "2", chk
+    assert chk.get("hwrng", "").startswith("virtio_rng") and chk.get("hwrng_bytes") == "64", chk
+    assert chk.get("hvc0_write") == "0" and "[hvc0] hello from hvc0" in console, chk
     for disk, img, data in zip(guest.DISKS, images, host_data, strict=True):
-        assert chk[f"{disk}_host_md5"] == _md5(data), (disk, chk)  # the guest read what the host wrote
-        assert chk[f"{disk}_write"] == "0" and chk[f"{disk}_read_md5"] == chk[f"{disk}_write_md5"], (disk, chk)
+        assert chk.get(f"{disk}_host_md5") == _md5(data), (disk, chk)  # the guest read what the host wrote
+        assert chk.get(f"{disk}_write") == "0", (disk, chk)
+        assert chk.get(f"{disk}_read_md5") == chk.get(f"{disk}_write_md5"), (disk, chk)
         assert img.read_bytes()[: guest.MIB] == guest.expected_write(disk)  # and it reached the host's image
     for nic in guest.NICS:
-        assert chk[f"{nic}_ping"] == "0", (nic, console[-3000:])
-        assert chk[f"{nic}_iperf_tx"] == "0" and chk[f"{nic}_iperf_rx"] == "0", (nic, console[-3000:])
-    assert "GUEST-EXIT rc=0" in console
+        assert chk.get(f"{nic}_ping") == "0", (nic, console[-3000:])
+        assert chk.get(f"{nic}_iperf_tx") == "0" and chk.get(f"{nic}_iperf_rx") == "0", (nic, console[-3000:])
+    assert "GUEST-EXIT rc=0" in console, chk
     # poweroff in the guest (ACPI S5): the DM exits 0 and the guest is stopped.
     assert out["state"] == "stopped" and out["last_exit_code"] == 0, out
 

@@ -167,7 +167,7 @@ def test_device_alerts_and_the_dm_s_kvm_and_memory_reach_the_vmm() -> None:
     assert (vmm.kvm, vmm.mem, vmm.serial_sink, vmm.on_device_alert) == (kvm, mem, sink, alert)
 
 
-def test_second_console_lines_go_to_the_serial_sink_with_the_hvc0_prefix() -> None:
+def test_second_console_lines_go_to_the_serial_sink_with_the_hvc0_prefix_between_com1_lines() -> None:
     class Sink:
         data = b""
 
@@ -179,8 +179,12 @@ def test_second_console_lines_go_to_the_serial_sink_with_the_hvc0_prefix() -> No
                      vmm_factory=FakeVmm)
     [con] = built.devices
     assert isinstance(con, Console)
+    assert isinstance(built.vmm, FakeVmm)
+    com1 = built.vmm.serial_sink
+    com1.write(b"booting")  # COM1 mid-line: the second console's line waits for its newline
     con.sink.write(b"hello\nworld\n")  # type: ignore[attr-defined]
-    assert sink.data == b"[hvc0] hello\n[hvc0] world\n"
+    com1.write(b"\r\n")
+    assert sink.data == b"booting\r\n[hvc0] hello\n[hvc0] world\n"
 
 
 def test_vhost_user_devices_are_numbered_disks_first_then_nics_as_the_daemon_s_attach_backend_expects(

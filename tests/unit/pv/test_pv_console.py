@@ -18,7 +18,7 @@ from pv.console import (
     VIRTIO_CONSOLE_F_MULTIPORT,
     VIRTIO_CONSOLE_F_SIZE,
     Console,
-    LinePrefixSink,
+    SharedConsoleLog,
 )
 from pv.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, VIRTIO_ID_CONSOLE
 from pv.testing import POISON, FakeHealth, MockSplitQueue
@@ -403,10 +403,119 @@ def test_reactivation_after_reset_serves_again(mem: GuestMemory, sink: Sink) -> 
         r.close()
 
 
-# ------------------------------------------------------------------------------------------ LinePrefixSink
-def test_line_prefix_sink_prefixes_every_line_across_partial_writes(sink: Sink) -> None:
-    p = LinePrefixSink(sink, b"[hvc0] ")
-    p.write(b"one\ntw")
-    p.write(b"o\n\nthree")
-    p.write(b"")
-    assert bytes(sink.data) == b"[hvc0] one\n[hvc0] two\n[hvc0] \n[hvc0] three"
+# ------------------------------------------------------------------------------------------ SharedConsoleLog
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeTimers:
+    """Records the one-shot timers the log arms; ``fire`` runs them as the timer thread would."""
+
+    def __init__(self) -> None:
+        self.armed: list[tuple[float, object]] = []
+
+    def __call__(self, delay: float, fn: object) -> FakeTimers:
+        self.armed.append((delay, fn))
+        return self
+
+    def cancel(self) -> None:
+        self.armed.clear()
+
+    def fire(self) -> None:
+        armed, self.armed = self.armed, []
+        for _, fn in armed:
+            fn()  # type: ignore[operator]
+
+
+@pytest.fixture
+def shared(sink: Sink) -> tuple[SharedConsoleLog, FakeClock, FakeTimers]:
+    clock, timers = FakeClock(), FakeTimers()
+    return SharedConsoleLog(sink, b"[hvc0] ", clock=clock, timer=timers), clock, timers
+
+
+def test_shared_log_prefixes_every_secondary_line_across_partial_writes(
+        sink: Sink, shared: tuple[SharedConsoleLog, FakeClock, FakeTimers]) -> None:
+    log, _, _ = shared
+    log.secondary.write(b"one\ntw")
+    log.secondary.write(b"o\n\nthree")
+    log.secondary.write(b"")
+    assert bytes(sink.data) == b"[hvc0] one\n[hvc0] two\n[hvc0] \n"  # "three" is not finished yet
+    log.close()
+    assert bytes(sink.data) == b"[hvc0] one\n[hvc0] two\n[hvc0] \n[hvc0] three\n"
+
+
+def test_a_secondary_line_waits_for_the_end_of_the_com1_line_the_uart_is_still_sending(
+        sink: Sink, shared: tuple[SharedConsoleLog, FakeClock, FakeTimers]) -> None:
+    # The realkvm lane's failure: the guest's tty was still sending "CHK hwrng_bytes=64" to COM1 byte by byte
+    # when its next command wrote to hvc0; the hvc0 line used to land inside the COM1 line.
+    log, clock, _ = shared
+    for b in b"CHK hwrng_":
+        log.primary.write(bytes([b]))
+        clock.now += 0.001
+    log.secondary.write(b"hello from hvc0\n")
+    for b in b"bytes=64\r\n":
+        log.primary.write(bytes([b]))
+    assert bytes(sink.data) == b"CHK hwrng_bytes=64\r\n[hvc0] hello from hvc0\n"
+
+
+def test_a_quiet_com1_prompt_gets_a_line_break_before_the_held_secondary_line(
+        sink: Sink, shared: tuple[SharedConsoleLog, FakeClock, FakeTimers]) -> None:
+    log, clock, timers = shared
+    log.primary.write(b"login: ")
+    clock.now += 0.1
+    log.secondary.write(b"late\n")
+    assert bytes(sink.data) == b"login: " and [round(d, 3) for d, _ in timers.armed] == [0.15]
+    clock.now += 0.15
+    timers.fire()  # COM1 stayed quiet: the held line goes out on its own line
+    assert bytes(sink.data) == b"login: \n[hvc0] late\n"
+    log.primary.write(b"root\r\n")
+    assert bytes(sink.data) == b"login: \n[hvc0] late\nroot\r\n"
+
+
+def test_a_secondary_write_after_com1_went_quiet_breaks_the_line_at_once(
+        sink: Sink, shared: tuple[SharedConsoleLog, FakeClock, FakeTimers]) -> None:
+    log, clock, timers = shared
+    log.primary.write(b"# ")
+    clock.now += 5
+    log.secondary.write(b"x\n")
+    assert bytes(sink.data) == b"# \n[hvc0] x\n" and not timers.armed
+
+
+def test_an_endless_secondary_line_is_cut_at_max_line(sink: Sink) -> None:
+    log = SharedConsoleLog(sink, b"> ", max_line=8, timer=FakeTimers())
+    log.secondary.write(b"0123456789")
+    assert bytes(sink.data) == b"> 0123456789\n"
+
+
+def test_a_failing_sink_on_the_secondary_path_is_counted_and_com1_errors_still_reach_the_uart() -> None:
+    log = SharedConsoleLog(BrokenSink(), b"[hvc0] ", timer=FakeTimers())
+    log.secondary.write(b"lost\n")
+    assert log.dropped == len(b"[hvc0] lost\n")
+    with pytest.raises(OSError):
+        log.primary.write(b"x")
+
+
+def test_the_shared_log_keeps_lines_whole_under_concurrent_writers(sink: Sink) -> None:
+    log = SharedConsoleLog(sink, b"[hvc0] ", hold=10.0)
+
+    def com1() -> None:
+        for i in range(300):
+            for b in f"com1 line {i}\r\n".encode():
+                log.primary.write(bytes([b]))
+
+    def hvc0() -> None:
+        for i in range(300):
+            log.secondary.write(f"hvc0 line {i}\n".encode())
+
+    threads = [threading.Thread(target=com1), threading.Thread(target=hvc0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    log.close()
+    lines = bytes(sink.data).decode().splitlines()
+    assert sorted(lines) == sorted([f"com1 line {i}" for i in range(300)] + [f"[hvc0] hvc0 line {i}" for i in range(300)])
