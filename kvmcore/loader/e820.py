@@ -33,3 +33,13 @@ def e820_map(mem: GuestMemory) -> list[tuple[int, int, int]]:
         else:
             out.append((gpa, size, E820_RAM))
     return out
+
+
+def firmware_e820_map(mem: GuestMemory) -> list[tuple[int, int, int]]:
+    """The map QEMU's fw_cfg ``etc/e820`` gives firmware (hw/i386/pc.c pc_memory_init, target/i386/kvm/kvm.c):
+    every RAM region whole, and KVM's identity-map page plus real-mode TSS reserved. The firmware reserves what
+    it uses itself (SeaBIOS: the EBDA, the BIOS area, the top 256 KiB of 4 GiB), so none of that is here."""
+    out = [(gpa, size, E820_RAM) for gpa, size in mem.regions()]
+    kvm_pages = layout.KVM_TSS_ADDR + 3 * 0x1000 - layout.KVM_IDENTITY_MAP_ADDR
+    out.append((layout.KVM_IDENTITY_MAP_ADDR, kvm_pages, E820_RESERVED))
+    return sorted(out)
