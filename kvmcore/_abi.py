@@ -45,6 +45,10 @@ class kvm_userspace_memory_region(C.Structure):
     ]
 
 
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+KVM_MEM_READONLY = 1 << 1  # needs KVM_CAP_READONLY_MEM: guest writes exit as KVM_EXIT_MMIO
+
+
 class kvm_regs(C.Structure):
     _fields_ = [
         (n, C.c_uint64)
@@ -359,6 +363,7 @@ KVM_CAP_EXT_CPUID = 7
 KVM_CAP_NR_VCPUS = 9
 KVM_CAP_NR_MEMSLOTS = 10
 KVM_CAP_MP_STATE = 14
+KVM_CAP_READONLY_MEM = 21
 KVM_CAP_IRQ_ROUTING = 25
 KVM_CAP_IRQFD = 32
 KVM_CAP_PIT2 = 33
