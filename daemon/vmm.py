@@ -7,14 +7,16 @@ device-model process (daemon.dm) and by the one-shot runner (daemon.runner). Imp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import select
 import signal
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from devices.acpi_pm import AcpiPm
@@ -27,13 +29,14 @@ from devices.rtc import REG_CENTURY, Rtc
 from devices.serial import Serial, SerialSink
 from devices.testdev import TestDevIoport, TestDevMmio
 from kvmcore import _abi as abi
-from kvmcore import layout, x86
+from kvmcore import fastrun, layout, x86
 from kvmcore.acpi import AcpiPlatform, build_tables
 from kvmcore.kvm import IrqchipRoute, Kvm, MsiRoute, Vm
 from kvmcore.loader.linux import load_linux
 from kvmcore.loader.multiboot import load_multiboot
 from kvmcore.memory import GuestMemory
 from kvmcore.vcpu_loop import KICK_SIGNAL, StopReason, VcpuThread, VmRunState, install_kick_handler
+from daemon.firmware_boot import FirmwareBoot
 from pv.device import VirtioDevice
 
 if TYPE_CHECKING:
@@ -61,6 +64,12 @@ class MachineConfig:
     initrd: bytes | None = None
     testdev: bool = True  # QEMU pc-testdev compatible scratch device (used by the test guests)
     acpi: bool = True  # ACPI tables at layout.ACPI_TABLES_ADDR and the ACPI PM block (direct boot)
+    # A BIOS image (kvmcore.firmware.check_bios): the guest boots it from the reset vector instead of a kernel,
+    # with fw_cfg, shadow RAM behind the PAM registers and the debug port (daemon.firmware_boot).
+    firmware: bytes | None = None
+    # Boot order for the firmware: (kind "disk" | "net", index into the virtio devices in attach order).
+    boot_order: tuple[tuple[str, int], ...] = ()
+    option_roms: dict[str, bytes] = field(default_factory=dict)  # fw_cfg genroms/<name>
 
 
 class KernelFormatError(Exception):
@@ -142,6 +151,49 @@ class _PciPlatformAdapter:
         self.vmm.vm.irq_line(self.intx_gsi, 1 if level else 0)
 
 
+class _TxPump:
+    """Empties the UART's C TX ring into its sink when the C loop signals (notify_fd) that bytes wait there: a
+    guest may print and then idle in KVM_RUN (HLT is in-kernel), never returning to the vCPU loop that also
+    flushes. It waits BATCH_S after a wake-up so a stream of bytes costs one wake-up per batch, not per byte."""
+
+    BATCH_S = 0.001
+
+    def __init__(self, serial: Serial, lock: threading.Lock, notify_fd: int) -> None:
+        self._serial = serial
+        self._lock = lock
+        self._notify = notify_fd
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._thread = threading.Thread(target=self._run, name="serial-tx", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._notify, select.POLLIN)
+        poller.register(self._stop_fd, select.POLLIN)
+        while True:
+            fds = [fd for fd, _ev in poller.poll()]
+            if self._stop_fd in fds:
+                break
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self._notify)
+            time.sleep(self.BATCH_S)
+            with self._lock:
+                self._serial.flush_tx()
+        with self._lock:  # what the last vCPU exits left in the ring
+            self._serial.flush_tx()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            os.eventfd_write(self._stop_fd, 1)
+            self._thread.join(timeout=5)
+        else:
+            with self._lock:
+                self._serial.flush_tx()
+        os.close(self._stop_fd)
+
+
 class Vmm:
     """A VM being assembled, then run. Call the attach_* steps (or build()), then start(), wait(), close()."""
 
@@ -169,12 +221,19 @@ class Vmm:
         self.virtio_devices: list[VirtioPciDevice] = []
         self.device_alerts: list[str] = []
         self.on_device_alert: Callable[[str], None] | None = None
+        self.firmware: FirmwareBoot | None = None  # set by attach_memory when cfg.firmware is given
+        self.firmware_log_sink: SerialSink | None = None  # where the BIOS debug port (0x402) writes
+        self._tx_pump: _TxPump | None = None
 
     # ------------------------------------------------------------------ steps
     def attach_memory(self) -> None:
         if self.mem is None:
             self.mem = GuestMemory.create(layout.ram_layout(self.cfg.mem_size))
-        self.vm.map_memory(self.mem)
+        if self.cfg.firmware is not None:
+            self.kvm.require(abi.KVM_CAP_READONLY_MEM)
+            self.firmware = FirmwareBoot(self.vm, self.mem, self.cfg.firmware, self.mmio)
+        else:
+            self.vm.map_memory(self.mem)
 
     def attach_irqchip(self) -> None:
         self.kvm.require(abi.KVM_CAP_IRQCHIP, abi.KVM_CAP_IRQFD, abi.KVM_CAP_IOEVENTFD, abi.KVM_CAP_IRQ_ROUTING)
@@ -191,7 +250,16 @@ class Vmm:
         return EventFdTrigger(fd)
 
     def attach_platform_devices(self) -> None:
-        self.serial = Serial(self._eventfd_irq(COM1_GSI), self.serial_sink)
+        irq = self._eventfd_irq(COM1_GSI)
+        self.serial = Serial(irq, self.serial_sink)
+        if fastrun.AVAILABLE:
+            # The UART's C half answers LSR polls and THR writes in the vCPU's C loop (devices/serial.py says
+            # which); its TX ring is drained into the sink by the vCPU loop and, while the guest stays in
+            # KVM_RUN, by a pump thread woken through this eventfd.
+            notify = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._fds.append(notify)
+            self.serial.attach_accel(fastrun.UartAccel(irq.fd, notify))
+            self._tx_pump = _TxPump(self.serial, self.device_lock, notify)
         self.pio.insert(self.serial, COM1_PORT, 8)
         self.pio.insert(I8042(on_reset=lambda: self.state.request_stop(
             StopReason("reset", "guest requested reset (i8042)"))), I8042_PORT, 5)
@@ -209,7 +277,9 @@ class Vmm:
                                            guest_status=status))
 
     def attach_pci(self) -> None:
-        self.pci_root = PciRoot()
+        self.pci_root = PciRoot(self.firmware.host_bridge() if self.firmware is not None else None)
+        if fastrun.AVAILABLE:  # config mechanism #1 answered in C where no device traps it (devices/pci/root.py)
+            self.pci_root.attach_accel(fastrun.PciConfigAccel())
         self.pio.insert(PciConfigIo(self.pci_root, on_reset=lambda: self.state.request_stop(
             StopReason("reset", "guest requested reset (port 0xcf9)"))), PCI_CONFIG_PORT, 8)
 
@@ -217,17 +287,26 @@ class Vmm:
         """What the ACPI tables describe: this VM's vCPUs on kvmdm's fixed platform (kvmcore.layout). No 64-bit
         PCI window: finish() places 64-bit BARs below 4 GiB, and a window at layout.PCI_MMIO64_START lies beyond
         the physical address width of many CPUs (Linux: "host bridge window ... ignored, not CPU addressable")."""
+        if self.firmware is not None:
+            # The firmware places BARs from the end of low RAM up (SeaBIOS pciinit); the window must hold them.
+            low_end = min(self.cfg.mem_size, layout.LOW_RAM_END)
+            return AcpiPlatform(vcpus=self.cfg.vcpus, rtc_century=REG_CENTURY, pci_mmio64=None,
+                                pci_mmio32=(low_end, layout.PCI_MMIO32_END))
         return AcpiPlatform(vcpus=self.cfg.vcpus, rtc_century=REG_CENTURY, pci_mmio64=None)
 
     def attach_acpi(self) -> None:
         """The ACPI PM block on the port bus (SCI on its ISA IRQ through an irqfd) and the tables in guest RAM at
         layout.ACPI_TABLES_ADDR, RSDP first: found there by the BIOS-area scan and through boot_params."""
         assert self.mem is not None
-        blob = build_tables(self.acpi_platform()).place(layout.ACPI_TABLES_ADDR)
-        if layout.ACPI_TABLES_ADDR + len(blob) > layout.ACPI_TABLES_END:
-            raise ValueError(f"ACPI tables ({len(blob)} bytes) do not fit below 1 MiB")
-        self.mem.write(layout.ACPI_TABLES_ADDR, blob)
-        self.acpi_rsdp = layout.ACPI_TABLES_ADDR
+        tables = build_tables(self.acpi_platform())
+        if self.firmware is not None:
+            self.firmware.acpi_files = tables.table_loader()  # the firmware runs the table loader
+        else:
+            blob = tables.place(layout.ACPI_TABLES_ADDR)
+            if layout.ACPI_TABLES_ADDR + len(blob) > layout.ACPI_TABLES_END:
+                raise ValueError(f"ACPI tables ({len(blob)} bytes) do not fit below 1 MiB")
+            self.mem.write(layout.ACPI_TABLES_ADDR, blob)
+            self.acpi_rsdp = layout.ACPI_TABLES_ADDR
         self.acpi_pm = AcpiPm(on_poweroff=lambda: self.state.request_stop(
             StopReason("poweroff", "guest powered off (ACPI S5)")), sci=self._eventfd_irq(layout.ACPI_SCI_IRQ))
         self.pio.insert(self.acpi_pm, layout.ACPI_PM_BASE, layout.ACPI_PM_LENGTH)
@@ -264,6 +343,8 @@ class Vmm:
 
     def attach_kernel(self) -> None:
         assert self.mem is not None
+        if self.firmware is not None:
+            return  # the BIOS boots from the reset vector: KVM's vCPU reset state (CS base 0xFFFF0000, IP 0xFFF0)
         kind = detect_kernel_format(self.cfg.kernel)
         if kind == "multiboot":
             k = load_multiboot(self.mem, self.cfg.kernel, self.cfg.cmdline)
@@ -277,7 +358,7 @@ class Vmm:
         for i in range(self.cfg.vcpus):
             vcpu = self.vm.create_vcpu(i)
             x86.setup_common(self.kvm, vcpu, self.cfg.vcpus)
-            if i == 0:
+            if i == 0 and self.firmware is None:
                 if self._entry_kind == "multiboot":
                     x86.setup_multiboot_entry(vcpu, *self._entry_args)
                 else:
@@ -297,8 +378,14 @@ class Vmm:
         return self
 
     def finish(self) -> None:
-        """After every device is attached: place PCI BARs (we boot without firmware), create vCPUs."""
-        if self.pci_root is not None and self.virtio_devices:
+        """After every device is attached: place PCI BARs (unless firmware does), the firmware's fw_cfg, vCPUs."""
+        if self.firmware is not None:
+            assert self.pci_root is not None
+            slots = {id(dev): slot for slot, dev in self.pci_root.devices()}
+            boot = [(kind, slots[id(self.virtio_devices[i])]) for kind, i in self.cfg.boot_order]
+            self.firmware.attach_io(self.pio, vcpus=self.cfg.vcpus, boot=boot, option_roms=self.cfg.option_roms,
+                                    log_sink=self.firmware_log_sink)
+        elif self.pci_root is not None and self.virtio_devices:
             assign_bars(self.pci_root)
         self.attach_vcpus()
 
@@ -309,6 +396,8 @@ class Vmm:
         elif signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
             raise RuntimeError("call kvmcore.vcpu_loop.install_kick_handler() from the main thread first")
         self.started_at = time.monotonic()
+        if self._tx_pump is not None:
+            self._tx_pump.start()
         for t in self.state.threads:
             t.start()
 
@@ -319,6 +408,12 @@ class Vmm:
         self.state.request_stop(reason or StopReason("host", "stopped by the host"))
         for t in self.state.threads:
             t.join(timeout=5)
+        self._stop_tx_pump()
+
+    def _stop_tx_pump(self) -> None:
+        if self._tx_pump is not None:
+            self._tx_pump.stop()
+            self._tx_pump = None
 
     def pause(self) -> bool:
         return self.state.pause()
@@ -348,9 +443,12 @@ class Vmm:
             # (a leak in a process that is going away anyway) rather than risk running someone else's vCPU.
             log.error("vCPU threads %s did not stop within 5 s; leaving the VM open", ", ".join(stuck))
             return
+        self._stop_tx_pump()
         for dev in self.virtio_devices:
             dev.close()
         self.vm.close()
+        if self.firmware is not None:
+            self.firmware.close()
         if self.mem is not None:
             self.mem.close()
         for fd in self._fds:

@@ -60,9 +60,10 @@ class Bus:
         self._bases: list[int] = []
         self._entries: list[tuple[int, int, BusDevice]] = []  # (base, end, device), sorted by base
         self._stats = BusStats()
-        # Counters kept elsewhere (a vCPU's C fast path, kvmcore.fastrun, answers unclaimed accesses itself):
-        # callables returning (unclaimed reads, unclaimed writes) so far, folded into ``stats`` when it is read.
-        self._sources: list[Callable[[], tuple[int, int]]] = []
+        # Counters kept elsewhere (a vCPU's C fast path, kvmcore.fastrun, answers unclaimed accesses and some
+        # accesses to accelerated devices itself): callables returning (device reads, device writes, unclaimed
+        # reads, unclaimed writes) so far, folded into ``stats`` when it is read.
+        self._sources: list[Callable[[], tuple[int, int, int, int]]] = []
         self._log = RateLimitedLog(log, per_second=5)
         # Bumped on every insert/remove, so a vCPU's C fast path (kvmcore.fastrun) knows to refresh its table.
         self.generation = 0
@@ -102,21 +103,34 @@ class Bus:
         """Claimed [base, end) ranges in address order."""
         return [(b, e) for b, e, _d in self._entries]
 
-    def add_counter_source(self, source: Callable[[], tuple[int, int]]) -> None:
-        """Count accesses answered elsewhere (all-ones reads, dropped writes) as this bus's unclaimed ones."""
+    def add_counter_source(self, source: Callable[[], tuple[int, int, int, int]]) -> None:
+        """Count accesses answered elsewhere: (reads and writes a device's C half answered, unclaimed reads and
+        writes answered with all-ones / dropped)."""
         self._sources.append(source)
+
+    def accelerated(self) -> list[tuple[int, int, object]]:
+        """(base, end, accel) of the devices with a C half (a non-None ``fast_accel``: kvmcore.fastrun's
+        UartAccel, PciConfigAccel) that a vCPU's C loop may let answer accesses inside their range."""
+        out = []
+        for base, end, dev in self._entries:
+            acc = getattr(dev, "fast_accel", None)
+            if acc is not None:
+                out.append((base, end, acc))
+        return out
 
     @property
     def stats(self) -> BusStats:
         st = self._stats
         if not self._sources:
             return st
-        r = w = 0
+        dr = dw = ur = uw = 0
         for source in self._sources:
-            sr, sw = source()
-            r += sr
-            w += sw
-        return BusStats(st.reads + r, st.writes + w, st.unclaimed_reads + r, st.unclaimed_writes + w)
+            a, b, c, d = source()
+            dr += a
+            dw += b
+            ur += c
+            uw += d
+        return BusStats(st.reads + dr + ur, st.writes + dw + uw, st.unclaimed_reads + ur, st.unclaimed_writes + uw)
 
     def devices(self) -> list[tuple[int, int, BusDevice]]:
         return [(b, e - b, d) for b, e, d in self._entries]

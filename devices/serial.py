@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -112,6 +113,31 @@ DEFAULT_MCR = MCR_OUT2
 class SerialSink(Protocol):
     def write(self, data: bytes) -> None:
         """Take bytes the guest transmitted. May raise OSError; the UART then counts the byte as dropped."""
+
+
+class SerialAccel(Protocol):
+    """The C half of the UART (kvmcore.fastrun.UartAccel): ``with accel:`` excludes the C loop; ``publish`` tells it
+    what each register read returns and which reads and THR writes it may answer; ``take`` reports what it did
+    (a THR write happened; THRE edges it signalled); ``pop_tx`` takes the bytes it queued for the sink."""
+
+    on_flush: Callable[[], None] | None
+
+    def __enter__(self) -> None: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def publish(self, values: bytes, rd_fast: int, thr_mode: int) -> None: ...
+
+    def take(self) -> tuple[bool, int]: ...
+
+    def pop_tx(self) -> bytes: ...
+
+
+# SerialAccel.publish's thr_mode (kvmcore.fastrun's THR_* values): THR writes stay in Python; go to the TX ring;
+# go to the ring and signal one THRE edge each.
+THR_PYTHON, THR_RING, THR_RING_IRQ = 0, 1, 2
+# Reads of IER/DLM, LCR, MCR and SCR never change state; RBR, IIR, LSR and MSR reads only in some states.
+_ALWAYS_FAST_READS = (1 << IER) | (1 << LCR) | (1 << MCR) | (1 << SCR)
 
 
 class InvalidSerialState(ValueError):
@@ -210,6 +236,7 @@ class Serial(BusDevice):
     def __init__(self, irq: IrqTrigger, sink: SerialSink | None = None) -> None:
         self._irq = irq
         self._sink = sink
+        self._accel: SerialAccel | None = None
         self.metrics = SerialMetrics()
         self._log = RateLimitedLog(log, per_second=5)
         self._set_state(SerialState())
@@ -228,6 +255,16 @@ class Serial(BusDevice):
 
     def enqueue_input(self, data: bytes) -> int:
         """Queue host bytes for the guest to read; returns how many were taken (the caller retries the rest)."""
+        acc = self._accel
+        if acc is None:
+            return self._enqueue(data)
+        with acc:
+            self._absorb()
+            n = self._enqueue(data)
+            self._publish()
+        return n
+
+    def _enqueue(self, data: bytes) -> int:
         n = min(len(data), self.rx_space())
         if n <= 0:
             return 0
@@ -242,13 +279,99 @@ class Serial(BusDevice):
         if len(data) != 1 or not 0 <= offset < NUM_REGS:
             self._invalid("read", offset, len(data))
             return
-        data[0] = self._read_reg(offset)
+        acc = self._accel
+        if acc is None:
+            data[0] = self._read_reg(offset)
+            return
+        with acc:
+            self._absorb()
+            data[0] = self._read_reg(offset)
+            self._publish()
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         if len(data) != 1 or not 0 <= offset < NUM_REGS:
             self._invalid("write", offset, len(data))
             return
-        self._write_reg(offset, data[0])
+        acc = self._accel
+        if acc is None:
+            self._write_reg(offset, data[0])
+            return
+        with acc:
+            self._absorb()
+            self._write_reg(offset, data[0])
+            self._publish()
+
+    # ---- the C half (kvmcore.fastrun.UartAccel) --------------------------------------------------------
+    #
+    # This class stays the whole UART; the C loop only answers accesses whose outcome Python has published and
+    # that change nothing Python must know at once: side-effect-free register reads (from the values published
+    # after every change made here), and THR writes while DLAB and loopback are off, a sink exists, and the write
+    # cannot change THRE's interrupt state (ETBEI off, or THRE already pending: the reference then signals exactly
+    # one edge per byte, which C signals too). What C did is folded in here before every access and flush
+    # (``_absorb``): THRE pending again after its writes (invisible to the guest in those states), its edges in
+    # metrics.irqs. Its bytes wait in a TX ring that ``flush_tx`` (and, to keep the order, any Python-path THR
+    # write) empties into the sink; tx_bytes and dropped count them then. Callers serialize all methods, as
+    # without the accelerator (the VMM's device lock); the accelerator's own mutex excludes the C loop.
+
+    @property
+    def fast_accel(self) -> SerialAccel | None:
+        """The C half serving this UART's ports (devices.bus.Bus.accelerated)."""
+        return self._accel
+
+    def attach_accel(self, accel: SerialAccel) -> None:
+        self._accel = accel
+        accel.on_flush = self.flush_tx
+        with accel:
+            self._publish()
+
+    def flush_tx(self) -> None:
+        """Hand the bytes the C loop transmitted to the sink, and fold in its interrupt count."""
+        acc = self._accel
+        if acc is None:
+            return
+        with acc:
+            self._absorb()
+        self._drain_ring(acc)
+
+    def _drain_ring(self, acc: SerialAccel) -> None:
+        while chunk := acc.pop_tx():
+            self._sink_write(chunk)
+
+    def _absorb(self) -> None:
+        assert self._accel is not None
+        thre, irqs = self._accel.take()
+        if thre:
+            self._thre_pending = True
+        self.metrics.irqs += irqs
+
+    def _publish(self) -> None:
+        assert self._accel is not None
+        dlab = self._lcr & LCR_DLAB
+        fast = _ALWAYS_FAST_READS
+        rbr = 0
+        if dlab:
+            rbr = self._dll
+            fast |= 1 << DATA
+        elif not self._rx:
+            fast |= 1 << DATA  # an empty RBR reads 0 and changes nothing
+        iir = self._iir()
+        if iir & 0x0F != IIR_THRE:  # reading IIR=THRE resets the THRE interrupt
+            fast |= 1 << IIR
+        if not self._line_errors:  # reading LSR resets the error bits
+            fast |= 1 << LSR
+        if not self._msr_deltas:  # reading MSR resets the deltas
+            fast |= 1 << MSR
+        values = bytes((rbr, self._dlm if dlab else self._ier, iir, self._lcr, self._mcr, self._lsr(),
+                        self._modem_lines() | self._msr_deltas, self._scr))
+        if dlab or self._mcr & MCR_LOOP or self._sink is None:
+            thr = THR_PYTHON
+        elif not self._ier & IER_ETBEI:
+            thr = THR_RING
+        elif self._thre_pending:
+            thr = THR_RING_IRQ
+        else:
+            thr = THR_PYTHON  # this write makes THRE newly pending: IIR changes, Python recomputes it
+        self._accel.publish(values, fast, thr)
 
     def _invalid(self, kind: str, offset: int, size: int) -> None:
         self.metrics.invalid_access += 1
@@ -346,17 +469,23 @@ class Serial(BusDevice):
         self._update_irq()
         if self._mcr & MCR_LOOP:
             self._loopback_receive(value)
-        elif self._sink is None:
-            self.metrics.dropped += 1
         else:
-            try:
-                self._sink.write(bytes((value,)))
-                self.metrics.tx_bytes += 1
-            except OSError as e:
-                self.metrics.dropped += 1
-                self._log.warning("serial: sink write failed: %s", e)
+            if self._accel is not None:
+                self._drain_ring(self._accel)  # bytes the C loop sent earlier go first
+            self._sink_write(bytes((value,)))
         self._thre_pending = True
         self._update_irq()
+
+    def _sink_write(self, data: bytes) -> None:
+        if self._sink is None:
+            self.metrics.dropped += len(data)
+            return
+        try:
+            self._sink.write(data)
+            self.metrics.tx_bytes += len(data)
+        except OSError as e:
+            self.metrics.dropped += len(data)
+            self._log.warning("serial: sink write failed: %s", e)
 
     def _loopback_receive(self, value: int) -> None:
         if len(self._rx) < self._capacity():
@@ -450,6 +579,9 @@ class Serial(BusDevice):
         self._rx = deque(state.rx_fifo)
 
     def snapshot(self) -> SerialState:
+        if self._accel is not None:
+            with self._accel:
+                self._absorb()
         return SerialState(
             divisor_low=self._dll,
             divisor_high=self._dlm,

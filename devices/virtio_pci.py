@@ -315,6 +315,15 @@ class VirtioPciDevice(PciDevice):
                 self._pci_cfg_window(read=True)
             super().read_config(offset, data)
 
+    def config_traps(self) -> tuple[int, int]:
+        reads, writes = super().config_traps()
+        writes |= 1 << ((self.msix_cap_offset + 2) // 4)  # MSI-X message control: enables and masks vectors
+        c = self.pci_cfg_cap_offset
+        if c is not None:  # pci_cfg_data: an access through the window to BAR 0 (§4.1.4.9)
+            reads |= 1 << ((c + 16) // 4)
+            writes |= 1 << ((c + 16) // 4)
+        return reads, writes
+
     def write_config(self, offset: int, data: bytes | memoryview) -> None:
         with self._lock:
             super().write_config(offset, data)

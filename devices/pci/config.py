@@ -10,9 +10,11 @@ counted, never raised.
 
 from __future__ import annotations
 
+import array
 import enum
 import logging
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from devices.ratelimit import RateLimitedLog
@@ -124,13 +126,16 @@ class PciConfiguration:
         subsystem_id: int = 0,
         interrupt_pin: int = 0,
     ) -> None:
-        self._regs = [0] * (CONFIG_SPACE_SIZE // 4)
-        self._writable = [0] * (CONFIG_SPACE_SIZE // 4)
-        self._w1c = [0] * (CONFIG_SPACE_SIZE // 4)
+        # uint32 arrays, never resized: config mechanism #1's C half (kvmcore.fastrun) serves guest accesses from
+        # these very buffers (PciRoot.attach_accel), so there is one register file, not a copy to keep in step.
+        self._regs = array.array("I", bytes(CONFIG_SPACE_SIZE))
+        self._writable = array.array("I", bytes(CONFIG_SPACE_SIZE))
+        self._w1c = array.array("I", bytes(CONFIG_SPACE_SIZE))
         self._bars: dict[int, BarSpec] = {}
         self._last_cap: int | None = None
         self._next_cap = FIRST_CAPABILITY
-        self.stats = ConfigStats()
+        self._stats = ConfigStats()
+        self._c_counts: Callable[[], tuple[int, int]] | None = None
         self._log = RateLimitedLog(log, per_second=5)
 
         self._set_raw(VENDOR_ID, 2, vendor_id)
@@ -170,11 +175,34 @@ class PciConfiguration:
             raise PciConfigError(f"bad host config write at 0x{offset:x} size {size}")
         self._set_raw(offset, size, value)
 
+    # ------------------------------------------------------------------ shared with the C path
+    def register_file(self) -> tuple[array.array[int], array.array[int], array.array[int]]:
+        """(registers, writable masks, W1C masks): 64 dwords each, for a C reader/writer that follows
+        :meth:`write`'s rule (PciRoot.attach_accel)."""
+        return self._regs, self._writable, self._w1c
+
+    def count_elsewhere(self, counts: Callable[[], tuple[int, int]] | None) -> None:
+        """Fold (reads, writes) made by someone else on the register file into ``stats``; None: stop, keeping
+        what was counted so far."""
+        if self._c_counts is not None:
+            r, w = self._c_counts()
+            self._stats.reads += r
+            self._stats.writes += w
+        self._c_counts = counts
+
+    @property
+    def stats(self) -> ConfigStats:
+        if self._c_counts is None:
+            return self._stats
+        r, w = self._c_counts()
+        st = self._stats
+        return ConfigStats(st.reads + r, st.writes + w, st.bad_accesses)
+
     # ------------------------------------------------------------------ guest side
     def read(self, offset: int, size: int) -> int:
-        self.stats.reads += 1
+        self._stats.reads += 1
         if not access_ok(offset, size):
-            self.stats.bad_accesses += 1
+            self._stats.bad_accesses += 1
             self._log.debug("pci config: bad read at 0x%x size %d", offset, size)
             return (1 << (8 * size)) - 1 if 0 < size <= 8 else 0xFFFF_FFFF
         return self._get_raw(offset, size)
@@ -182,18 +210,18 @@ class PciConfiguration:
     def read_into(self, offset: int, data: memoryview) -> None:
         size = len(data)
         if not access_ok(offset, size):
-            self.stats.reads += 1
-            self.stats.bad_accesses += 1
+            self._stats.reads += 1
+            self._stats.bad_accesses += 1
             data[:] = b"\xff" * size
             return
         data[:] = self.read(offset, size).to_bytes(size, "little")
 
     def write(self, offset: int, data: bytes | memoryview) -> bool:
         """Apply a guest write through the masks; False (and counted) when the access shape is invalid."""
-        self.stats.writes += 1
+        self._stats.writes += 1
         size = len(data)
         if not access_ok(offset, size):
-            self.stats.bad_accesses += 1
+            self._stats.bad_accesses += 1
             self._log.debug("pci config: bad write at 0x%x size %d", offset, size)
             return False
         i, shift = offset // 4, (offset & 3) * 8

@@ -17,6 +17,7 @@ from devices.bus import BusDevice, BusError
 from devices.pci.config import (
     BAR0,
     COMMAND,
+    NUM_BARS,
     BarSpec,
     BarType,
     PciConfiguration,
@@ -112,6 +113,17 @@ class PciDevice:
             self.update_bar_mappings()
             if dword == COMMAND // 4:
                 self._apply_intx()
+
+    def config_traps(self) -> tuple[int, int]:
+        """(reads, writes): bit d set = an access to config dword d has a side effect beyond the register file and
+        must reach read_config/write_config; the other dwords may be served straight from ``config``'s register
+        file (the C path of config mechanism #1, PciRoot.attach_accel). Here: writes of the command register
+        and the BARs (they move mappings). A subclass that adds side effects extends these masks; one that
+        overrides read_config/write_config without overriding this is trapped whole (PciRoot)."""
+        writes = 1 << (COMMAND // 4)
+        for i in range(NUM_BARS):
+            writes |= 1 << (BAR0 // 4 + i)
+        return 0, writes
 
     # ------------------------------------------------------------------ BARs
     def bars(self) -> list[BarSpec]:

@@ -8,15 +8,18 @@ slots, the enable bit clear) reads as all-ones, which is how software detects an
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from devices.bus import BusDevice
 from devices.pci.config import (
     CMD_IO_SPACE,
     CMD_MEMORY_SPACE,
     COMMAND,
+    CONFIG_SPACE_SIZE,
     BarType,
     PciConfigError,
     PciConfiguration,
@@ -72,12 +75,78 @@ class PciRootStats:
     absent_writes: int = 0
 
 
+class PciConfigAccelState(Protocol):
+    """The C half of config mechanism #1 (kvmcore.fastrun.PciConfigAccel): ``with accel:`` excludes the C loop."""
+
+    address: int
+
+    def __enter__(self) -> None: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def set_function(self, slot: int, regs: Any, writable: Any, w1c: Any, read_trap: int, write_trap: int) -> None:
+        ...
+
+    def clear_function(self, slot: int) -> None: ...
+
+    def function_counts(self, slot: int) -> tuple[int, int]: ...
+
+    def reset_function_counts(self, slot: int) -> None: ...
+
+    def absent_counts(self) -> tuple[int, int]: ...
+
+
+ALL_DWORDS = (1 << (CONFIG_SPACE_SIZE // 4)) - 1
+
+
+def _traps(dev: PciDevice) -> tuple[int, int]:
+    """The device's config traps; all of config space when it overrides the accessors without saying which
+    dwords its overrides care about (a side effect the C path must never skip)."""
+    cls = type(dev)
+    overrides = cls.read_config is not PciDevice.read_config or cls.write_config is not PciDevice.write_config
+    if overrides and cls.config_traps is PciDevice.config_traps:
+        return ALL_DWORDS, ALL_DWORDS
+    return dev.config_traps()
+
+
 class PciRoot:
     """Bus 0. Slot 0 is the host bridge; add_device fills the lowest free slot unless told which."""
 
     def __init__(self, host_bridge: PciDevice | None = None) -> None:
         self._slots: dict[int, PciDevice] = {0: host_bridge or I440fxHostBridge()}
-        self.stats = PciRootStats()
+        self._stats = PciRootStats()
+        self.accel: PciConfigAccelState | None = None
+
+    def attach_accel(self, accel: PciConfigAccelState) -> None:
+        """Let a C path serve mechanism #1 from the functions' own register files (kvmcore.fastrun): reads and
+        writes of the dwords no device traps (config_traps), the address latch, absent functions. Guest config
+        accesses made here (mechanism #1, ECAM) then hold ``accel``; host-side changes to untrapped dwords must
+        happen before the vCPUs run (e.g. the interrupt line the VMM writes) or hold it too."""
+        with accel:
+            self.accel = accel
+            for slot, dev in self._slots.items():
+                self._accel_add(slot, dev)
+
+    def _accel_add(self, slot: int, dev: PciDevice) -> None:
+        acc = self.accel
+        if acc is None:
+            return
+        read_trap, write_trap = _traps(dev)
+        acc.reset_function_counts(slot)
+        acc.set_function(slot, *dev.config.register_file(), read_trap, write_trap)
+        dev.config.count_elsewhere(lambda: acc.function_counts(slot))
+
+    def _accel_remove(self, slot: int, dev: PciDevice) -> None:
+        if self.accel is not None:
+            dev.config.count_elsewhere(None)
+            self.accel.clear_function(slot)
+
+    @property
+    def stats(self) -> PciRootStats:
+        if self.accel is None:
+            return self._stats
+        r, w = self.accel.absent_counts()
+        return PciRootStats(self._stats.absent_reads + r, self._stats.absent_writes + w)
 
     def add_device(self, dev: PciDevice, slot: int | None = None) -> int:
         if slot is None:
@@ -89,15 +158,22 @@ class PciRoot:
             raise PciConfigError(f"PCI slot {slot} out of range")
         if slot in self._slots:
             raise PciConfigError(f"PCI slot {slot} is taken")
-        self._slots[slot] = dev
+        with self._accel_held():
+            self._slots[slot] = dev
+            self._accel_add(slot, dev)
         return slot
 
     def remove_device(self, slot: int) -> PciDevice:
         if slot == 0 or slot not in self._slots:
             raise PciConfigError(f"no removable device in slot {slot}")
-        dev = self._slots.pop(slot)
+        with self._accel_held():
+            dev = self._slots.pop(slot)
+            self._accel_remove(slot, dev)
         dev.unmap_all()
         return dev
+
+    def _accel_held(self) -> contextlib.AbstractContextManager[None]:
+        return self.accel if self.accel is not None else contextlib.nullcontext()  # type: ignore[return-value]
 
     def device(self, slot: int) -> PciDevice | None:
         return self._slots.get(slot)
@@ -113,7 +189,7 @@ class PciRoot:
     def config_read(self, bus: int, slot: int, function: int, offset: int, data: memoryview) -> None:
         dev = self._lookup(bus, slot, function)
         if dev is None:
-            self.stats.absent_reads += 1
+            self._stats.absent_reads += 1
             data[:] = b"\xff" * len(data)
             return
         dev.read_config(offset, data)
@@ -121,7 +197,7 @@ class PciRoot:
     def config_write(self, bus: int, slot: int, function: int, offset: int, data: bytes | memoryview) -> None:
         dev = self._lookup(bus, slot, function)
         if dev is None:
-            self.stats.absent_writes += 1
+            self._stats.absent_writes += 1
             return
         dev.write_config(offset, data)
 
@@ -137,20 +213,56 @@ class PciConfigIo(BusDevice):
     def __init__(self, root: PciRoot, on_reset: Callable[[], None] | None = None) -> None:
         self.root = root
         self.on_reset = on_reset
-        self.address = 0
+        self._address = 0
         self.bad_accesses = 0
         self._log = RateLimitedLog(log, per_second=5)
 
+    @property
+    def fast_accel(self) -> PciConfigAccelState | None:
+        """The C half serving these ports (devices.bus.Bus.accelerated), when the root has one."""
+        return self.root.accel
+
+    @property
+    def address(self) -> int:
+        # With a C half the latch lives there: both paths see one CONFIG_ADDRESS.
+        acc = self.root.accel
+        return self._address if acc is None else acc.address
+
+    @address.setter
+    def address(self, value: int) -> None:
+        acc = self.root.accel
+        if acc is None:
+            self._address = value
+        else:
+            acc.address = value
+
     def _target(self, offset: int) -> tuple[int, int, int, int] | None:
-        if not self.address & CONFIG_ADDRESS_ENABLE:
+        address = self.address
+        if not address & CONFIG_ADDRESS_ENABLE:
             return None
-        bus = (self.address >> 16) & 0xFF
-        slot = (self.address >> 11) & 0x1F
-        function = (self.address >> 8) & 0x7
-        reg = (self.address & 0xFC) + (offset - 4)
+        bus = (address >> 16) & 0xFF
+        slot = (address >> 11) & 0x1F
+        function = (address >> 8) & 0x7
+        reg = (address & 0xFC) + (offset - 4)
         return bus, slot, function, reg
 
     def read(self, offset: int, data: memoryview) -> None:
+        acc = self.root.accel
+        if acc is None:
+            self._read(offset, data)
+            return
+        with acc:
+            self._read(offset, data)
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        acc = self.root.accel
+        if acc is None:
+            self._write(offset, data)
+            return
+        with acc:
+            self._write(offset, data)
+
+    def _read(self, offset: int, data: memoryview) -> None:
         size = len(data)
         if offset == 0 and size == 4:
             data[:] = self.address.to_bytes(4, "little")
@@ -167,7 +279,7 @@ class PciConfigIo(BusDevice):
             self.bad_accesses += 1
         data[:] = b"\xff" * size
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
+    def _write(self, offset: int, data: bytes | memoryview) -> None:
         size = len(data)
         if offset == 0 and size == 4:
             # Bits 1:0 are reserved and read back as 0; bits 30:24 are reserved too but harmless to keep.
@@ -201,11 +313,13 @@ class PciConfigMmio(BusDevice):
 
     def read(self, offset: int, data: memoryview) -> None:
         bus, slot, function, reg = self._decode(offset)
-        self.root.config_read(bus, slot, function, reg, data)
+        with self.root._accel_held():
+            self.root.config_read(bus, slot, function, reg, data)
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         bus, slot, function, reg = self._decode(offset)
-        self.root.config_write(bus, slot, function, reg, data)
+        with self.root._accel_held():
+            self.root.config_write(bus, slot, function, reg, data)
 
 
 def _align_up(value: int, align: int) -> int:
