@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 VIRTIO_BLK_CONFIG_SIZE = 60  # struct virtio_blk_config up to write_zeroes_may_unmap (virtio 1.2 §5.2.4)
 VIRTIO_NET_S_LINK_UP = 1  # virtio 1.2 §5.1.4
+BIOS_LOG_PREFIX = b"[bios] "
 
 
 class ResourceMismatchError(ValueError):
@@ -83,6 +84,7 @@ class BuiltVm:
     devices: list[VirtioDevice] = field(default_factory=list)  # every virtio backend in attach (PCI slot) order
     owned_fds: list[int] = field(default_factory=list)  # image and tap fds (vhost-user sockets: their devices)
     console_log: Any = None  # the pv.console.SharedConsoleLog of COM1 and hvc0, when there is a second console
+    firmware_log: Any = None  # the SharedConsoleLog of COM1 and the BIOS debug port, for a firmware guest
     closed: bool = False
 
     def close(self) -> None:
@@ -93,6 +95,8 @@ class BuiltVm:
         self.vmm.close()
         if self.console_log is not None:
             self.console_log.close()  # what the second console wrote last reaches the log
+        if self.firmware_log is not None:
+            self.firmware_log.close()
         _close_all(self.vhost_devices, self.owned_fds)
 
 
@@ -126,8 +130,12 @@ def machine_config(d: GuestDefinition, res: GuestResources, *, mem_size: int | N
     is not a whole number of MiB (``kvmdm run --kernel K --mem 4100K``)."""
     from daemon.vmm import MachineConfig
 
-    return MachineConfig(mem_size=mem_size if mem_size is not None else d.memory_mib << 20, vcpus=d.vcpus,
-                         kernel=res.kernel, cmdline=d.cmdline, initrd=res.initrd)
+    size = mem_size if mem_size is not None else d.memory_mib << 20
+    if d.firmware is not None:
+        # The image in the kernel's place is the BIOS (read from the firmware file, or the DM's --kernel-fd).
+        return MachineConfig(mem_size=size, vcpus=d.vcpus, firmware=res.kernel, boot_order=d.boot_devices(),
+                             testdev=False)
+    return MachineConfig(mem_size=size, vcpus=d.vcpus, kernel=res.kernel, cmdline=d.cmdline, initrd=res.initrd)
 
 
 def check_resources(d: GuestDefinition, res: GuestResources) -> None:
@@ -252,6 +260,13 @@ def build_vm(d: GuestDefinition, res: GuestResources, *, serial_sink: SerialSink
 
             shared = SharedConsoleLog(serial_sink)
             com1_sink, hvc0_sink = shared.primary, shared.secondary
+        bios_log = None
+        if d.firmware is not None and serial_sink is not None:
+            from pv.console import SharedConsoleLog
+
+            # The BIOS's debug port (0x402) in whole "[bios] " lines between COM1's (SeaBIOS's sercon) lines.
+            bios_log = SharedConsoleLog(com1_sink, prefix=BIOS_LOG_PREFIX)  # type: ignore[arg-type]
+            com1_sink = bios_log.primary  # type: ignore[assignment]
         if vmm_factory is None:
             from daemon.vmm import Vmm
 
@@ -260,9 +275,11 @@ def build_vm(d: GuestDefinition, res: GuestResources, *, serial_sink: SerialSink
     except BaseException:
         _close_all((), owned)
         raise
-    built = BuiltVm(vmm, owned_fds=owned, console_log=shared)
+    built = BuiltVm(vmm, owned_fds=owned, console_log=shared, firmware_log=bios_log)
     try:
         vmm.on_device_alert = on_device_alert
+        if bios_log is not None:
+            vmm.firmware_log_sink = bios_log.secondary
         vmm.build()
         attach_devices(vmm, d, res, built, hvc0_sink)
         vmm.finish()

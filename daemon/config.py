@@ -10,7 +10,12 @@ Schema (every key optional unless marked; unknown keys are errors that name the 
     name         str, required, [a-z0-9][a-z0-9_-]{0,62}
     vcpus        int 1..32                      (default 1)
     memory_mib   int 16..65536                  (default 128)
-    kernel       str, required: absolute path, or "demo" (the embedded demo guest, kvmcore.util.guest_build.build_demo())
+    kernel       str, required unless firmware: absolute path, or "demo" (the embedded demo guest,
+                 kvmcore.util.guest_build.build_demo())
+    firmware     "seabios" (Debian's /usr/share/seabios/bios-256k.bin) | absolute path to a BIOS image | null:
+                 boot the PC from its reset vector through that BIOS instead of loading a kernel; excludes
+                 kernel, initrd and cmdline. The image is checked (size, reset vector) when paths are checked
+    boot_order   list of "diskN" | "nicN" (firmware only; default: every disk in order): the BIOS's boot order
     initrd       str | null: absolute path      (default null)
     cmdline      str, at most 4096 UTF-8 bytes, no NUL (default "")
     disks        list (at most 16) of {path (required, absolute), read_only bool (false),
@@ -105,12 +110,31 @@ class GuestDefinition:
     jail: JailConfig = field(default_factory=JailConfig)
     rng: bool = False
     console2: bool = False
+    firmware: str | None = None  # "seabios" or a path; kernel is "" then
+    boot_order: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["disks"] = [asdict(x) for x in self.disks]
         d["nics"] = [asdict(x) for x in self.nics]
+        d["boot_order"] = list(self.boot_order)
+        if self.firmware is not None:
+            del d["kernel"]  # a firmware guest has none; parse_definition refuses both
+        else:
+            del d["firmware"], d["boot_order"]  # a kernel guest's dict stays as it always was
         return d
+
+    def boot_devices(self) -> tuple[tuple[str, int], ...]:
+        """The boot order as (kind "disk" | "net", index into the virtio devices in attach order: disks, then
+        nics): what daemon.vmm.MachineConfig.boot_order takes. Default: every disk in order."""
+        order = self.boot_order or tuple(f"disk{i}" for i in range(len(self.disks)))
+        out = []
+        for entry in order:
+            m = BOOT_DEVICE_RE.fullmatch(entry)
+            assert m is not None  # parse_definition checked it
+            i = int(m.group(2))
+            out.append(("disk", i) if m.group(1) == "disk" else ("net", len(self.disks) + i))
+        return tuple(out)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -229,7 +253,9 @@ def _join(path: str, key: str) -> str:
 
 
 _TOP_KEYS = {"name", "vcpus", "memory_mib", "kernel", "initrd", "cmdline", "disks", "nics", "restart",
-             "max_restarts", "restart_window_s", "jail", "rng", "console2"}
+             "max_restarts", "restart_window_s", "jail", "rng", "console2", "firmware", "boot_order"}
+SEABIOS = "seabios"
+BOOT_DEVICE_RE = re.compile(r"(disk|nic)(0|[1-9][0-9]?)")
 _DISK_KEYS = {"path", "read_only", "serial", "backend"}
 _NIC_KEYS = {"mac", "tap", "bridge", "backend"}
 _JAIL_KEYS = {"enabled"}
@@ -241,7 +267,7 @@ def parse_definition(raw: Any, *, check_paths: bool = True) -> GuestDefinition:
     ``check_paths`` stats kernel/initrd/disk paths (the daemon does; the jailed DM cannot and does not).
     """
     c = _Checker(check_paths)
-    top = c.obj("", raw, _TOP_KEYS, {"name", "kernel"})
+    top = c.obj("", raw, _TOP_KEYS, {"name"})
     if top is None:
         raise ConfigError(c.errors)
 
@@ -256,11 +282,20 @@ def parse_definition(raw: Any, *, check_paths: bool = True) -> GuestDefinition:
     memory = opt("memory_mib", 128, lambda p, v: c.integer(p, v, *MEMORY_RANGE))
 
     kernel = None
-    if "kernel" in top:
+    firmware = None
+    if top.get("firmware") is not None:
+        firmware = _firmware(c, top["firmware"])
+        for key in ("kernel", "initrd", "cmdline"):
+            if key in top:
+                c.err(key, "cannot be combined with firmware (the BIOS boots the disks)")
+        kernel = "" if firmware is not None else None
+    elif "kernel" in top:
         if top["kernel"] == DEMO_KERNEL:
             kernel = DEMO_KERNEL
         else:
             kernel = c.file_path("kernel", top["kernel"])
+    else:
+        c.err("kernel", "is required (or firmware)")
     initrd = opt("initrd", None, lambda p, v: None if v is None else c.file_path(p, v))
     cmdline = opt("cmdline", "", lambda p, v: c.string(p, v, max_bytes=MAX_CMDLINE))
     restart = opt("restart", "on-failure", lambda p, v: c.choice(p, v, RESTART_POLICIES))
@@ -341,13 +376,63 @@ def parse_definition(raw: Any, *, check_paths: bool = True) -> GuestDefinition:
             if mac is not None and tap != "" and bridge != "" and backend is not None:
                 nics.append(NicConfig(mac=mac, tap=tap, bridge=bridge, backend=backend))
 
+    boot_order = _boot_order(c, top.get("boot_order"), firmware is not None, len(disks), len(nics))
     if c.errors or name is None or kernel is None:
         raise ConfigError(c.errors or ["definition: invalid"])
     return GuestDefinition(
         name=name, kernel=kernel, vcpus=vcpus, memory_mib=memory, initrd=initrd, cmdline=cmdline,
         disks=tuple(disks), nics=tuple(nics), restart=restart, max_restarts=max_restarts,
         restart_window_s=window, jail=jail, rng=bool(rng), console2=bool(console2),
+        firmware=firmware, boot_order=boot_order,
     )
+
+
+def firmware_file(choice: str) -> str:
+    """The image a definition's ``firmware`` names: "seabios" is Debian's, anything else a path."""
+    from kvmcore.firmware import firmware_path
+
+    return firmware_path(choice)
+
+
+def _firmware(c: _Checker, value: Any) -> str | None:
+    path: str | None = firmware_file(SEABIOS) if value == SEABIOS else c.file_path("firmware", value)
+    if path is None:
+        return None
+    if c.check_paths:
+        from kvmcore.firmware import FirmwareError, load_bios
+
+        try:
+            load_bios(path)
+        except FirmwareError as e:
+            c.err("firmware", str(e))
+            return None
+    return SEABIOS if value == SEABIOS else path
+
+
+def _boot_order(c: _Checker, value: Any, firmware: bool, ndisks: int, nnics: int) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not firmware:
+        c.err("boot_order", "only applies with firmware")
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_DISKS + MAX_NICS:
+        c.err("boot_order", f"must be an array of at most {MAX_DISKS + MAX_NICS} device names")
+        return ()
+    out: list[str] = []
+    for i, entry in enumerate(value):
+        p = f"boot_order[{i}]"
+        m = BOOT_DEVICE_RE.fullmatch(entry) if isinstance(entry, str) else None
+        if m is None:
+            c.err(p, f'must be "diskN" or "nicN", got {entry!r}')
+            continue
+        count = ndisks if m.group(1) == "disk" else nnics
+        if int(m.group(2)) >= count:
+            c.err(p, f"{entry} does not exist ({count} {m.group(1)}s defined)")
+        elif entry in out:
+            c.err(p, f"{entry} is listed twice")
+        else:
+            out.append(entry)
+    return tuple(out)
 
 
 def parse_definition_json(text: str | bytes, *, check_paths: bool = True) -> GuestDefinition:
@@ -393,6 +478,8 @@ def absolutize_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         out["kernel"] = fix(out["kernel"])
     if "initrd" in out:
         out["initrd"] = fix(out["initrd"])
+    if "firmware" in out and out["firmware"] != SEABIOS:
+        out["firmware"] = fix(out["firmware"])
     if isinstance(out.get("disks"), list):
         out["disks"] = [
             {**d, "path": fix(d["path"])} if isinstance(d, dict) and "path" in d else d for d in out["disks"]

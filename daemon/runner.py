@@ -41,7 +41,15 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from daemon.config import DEMO_KERNEL, ConfigError, GuestDefinition, load_definition_file, parse_definition
+from daemon.config import (
+    DEMO_KERNEL,
+    SEABIOS,
+    ConfigError,
+    GuestDefinition,
+    firmware_file,
+    load_definition_file,
+    parse_definition,
+)
 from daemon.messages import ExitCode
 from kvmcore.kvm import KvmError
 from kvmcore.loader.errors import LoaderError
@@ -176,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--kernel", help="multiboot ELF or Linux bzImage (instead of a DEFINITION)")
     src.add_argument("--demo", action="store_true", help="the embedded demo guest (instead of a DEFINITION)")
+    src.add_argument("--firmware", metavar="BIOS",
+                     help='"seabios" or a BIOS image: boot it from the reset vector (alone, or instead of a '
+                          "DEFINITION's kernel: its disks are then the boot devices)")
     p.add_argument("--initrd", help="initrd for a Linux kernel (overrides the definition's)")
     p.add_argument("--cmdline", help="kernel command line (overrides the definition's)")
     p.add_argument("--mem", type=parse_size, help="guest RAM (default 128M; overrides the definition's)")
@@ -203,9 +214,24 @@ def load_definition(args: argparse.Namespace) -> tuple[GuestDefinition, int | No
     the raw document and the whole is validated once (paths checked), like ``kvmdm create``. Raises
     :class:`DefinitionError`.
     """
+    raw: dict[str, Any]
+    if args.definition is None and args.firmware is not None:
+        raw = {"name": RUN_NAME, "firmware": _firmware_arg(args.firmware)}
+        if args.vcpus is not None:
+            raw["vcpus"] = args.vcpus
+        if args.mem is not None:
+            if args.mem % (1 << 20):
+                raise DefinitionError(f"--mem: a firmware guest's memory is a whole number of MiB, got {args.mem}")
+            raw["memory_mib"] = args.mem >> 20
+        try:
+            d = parse_definition(raw, check_paths=True)  # the image is checked before anything starts
+        except ConfigError as e:
+            raise DefinitionError("; ".join(f"--{err}" if err.startswith("firmware") else err
+                                            for err in _flag_names(e.errors, args))) from None
+        return d, None
     if args.definition is None:
-        raw: dict[str, Any] = {"name": RUN_NAME, "kernel": DEMO_KERNEL if args.demo else os.path.abspath(args.kernel),
-                               "cmdline": args.cmdline or ""}
+        raw = {"name": RUN_NAME, "kernel": DEMO_KERNEL if args.demo else os.path.abspath(args.kernel),
+               "cmdline": args.cmdline or ""}
         if args.vcpus is not None:
             raw["vcpus"] = args.vcpus
         if args.initrd is not None:
@@ -232,6 +258,10 @@ def load_definition(args: argparse.Namespace) -> tuple[GuestDefinition, int | No
             raw[key] = value
     if args.initrd is not None:
         raw["initrd"] = os.path.abspath(args.initrd)  # relative to where the command runs, not to the file
+    if args.firmware is not None:
+        raw["firmware"] = _firmware_arg(args.firmware)
+        for key in ("kernel", "initrd", "cmdline"):
+            raw.pop(key, None)
     try:
         d = parse_definition(raw, check_paths=True)
     except ConfigError as e:
@@ -239,7 +269,11 @@ def load_definition(args: argparse.Namespace) -> tuple[GuestDefinition, int | No
     return d, None
 
 
-_OVERRIDES = {"memory_mib": "mem", "vcpus": "vcpus", "cmdline": "cmdline", "initrd": "initrd"}
+_OVERRIDES = {"memory_mib": "mem", "vcpus": "vcpus", "cmdline": "cmdline", "initrd": "initrd", "firmware": "firmware"}
+
+
+def _firmware_arg(value: str) -> str:
+    return value if value == SEABIOS else os.path.abspath(value)
 
 
 def _flag_names(errors: list[str], args: argparse.Namespace) -> list[str]:
@@ -259,6 +293,13 @@ def read_kernel(d: GuestDefinition, *, source: str | None) -> tuple[bytes, bytes
     any host resource is made (a bare --kernel fails later, as a host error, as it always did)."""
     from daemon.vmm import KernelFormatError, detect_kernel_format
 
+    if d.firmware is not None:
+        from kvmcore.firmware import FirmwareError, load_bios
+
+        try:
+            return load_bios(firmware_file(d.firmware)), None  # the BIOS goes where the kernel would
+        except FirmwareError as e:
+            raise DefinitionError(f"{source or '--firmware'}: firmware: {e}") from None
     if d.kernel == DEMO_KERNEL:
         from kvmcore.util.guest_build import GuestBuildError, build_demo
 
@@ -507,10 +548,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     given = [x for x, on in (("DEFINITION", args.definition is not None), ("--kernel", args.kernel is not None),
-                             ("--demo", args.demo)) if on]
-    if len(given) != 1:
-        parser.error("give one of DEFINITION, --kernel or --demo" if not given
+                             ("--demo", args.demo), ("--firmware", args.firmware is not None)) if on]
+    if given == ["DEFINITION", "--firmware"]:
+        pass  # the firmware replaces the definition's kernel
+    elif len(given) != 1:
+        parser.error("give one of DEFINITION, --kernel, --demo or --firmware" if not given
                      else f"{' and '.join(given)} cannot be combined")
+    elif args.firmware is not None and (args.initrd is not None or args.cmdline is not None):
+        parser.error("--initrd and --cmdline do not apply to --firmware (the BIOS boots the disks)")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="kvmdm: %(levelname)s %(name)s: %(message)s")
     signals = Signals()

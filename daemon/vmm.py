@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from daemon.firmware_boot import FirmwareBoot
 from devices.acpi_pm import AcpiPm
 from devices.bus import Bus, BusDevice, mmio_bus, pio_bus
 from devices.debug_exit import DebugExit
@@ -36,7 +37,6 @@ from kvmcore.loader.linux import load_linux
 from kvmcore.loader.multiboot import load_multiboot
 from kvmcore.memory import GuestMemory
 from kvmcore.vcpu_loop import KICK_SIGNAL, StopReason, VcpuThread, VmRunState, install_kick_handler
-from daemon.firmware_boot import FirmwareBoot
 from pv.device import VirtioDevice
 
 if TYPE_CHECKING:
