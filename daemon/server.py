@@ -132,7 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tcp", metavar="127.0.0.1:PORT", help="also listen on loopback TCP (needs --token-file)")
     p.add_argument("--token-file", help="file holding the bearer token for --tcp (mode 0600)")
     p.add_argument("--no-jail", action="store_true", help="DEVELOPMENT ONLY: run DMs without their jail")
-    p.add_argument("--dm-command", help="device-model command line (default: python -m daemon.dm)")
+    p.add_argument("--dm-command", help="device-model command line (default: python -m daemon.dm); implies "
+                   "--dm-spawn exec")
+    p.add_argument("--dm-spawn", choices=["exec", "zygote"], default=None,
+                   help="zygote (default): fork each DM from a pre-imported zygote process, started in "
+                        "milliseconds; exec: run the DM command for every guest (its own interpreter, hash seed "
+                        "and address-space layout)")
     p.add_argument("--kvm-device", default="/dev/kvm")
     p.add_argument("--uid-base", type=int, default=200000, help="first uid/gid of the per-guest jail range")
     p.add_argument("--uid-count", type=int, default=10000)
@@ -145,11 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def serve(args: argparse.Namespace) -> int:
     paths = Paths(args.state_dir.resolve(), args.runtime_dir.resolve())
+    if args.dm_command and args.dm_spawn == "zygote":
+        raise ValueError("--dm-spawn zygote runs daemon.dm itself: it does not take a --dm-command")
     cfg = SupervisorConfig(
         paths=paths,
         dm_command=shlex.split(args.dm_command) if args.dm_command else list(DEFAULT_DM_COMMAND),
         kvm_device=args.kvm_device, no_jail=args.no_jail, uid_base=args.uid_base, uid_count=args.uid_count,
-        start_timeout=args.start_timeout)
+        start_timeout=args.start_timeout,
+        dm_spawn="exec" if args.dm_command or args.dm_spawn == "exec" else "zygote")
     if args.backend_ready_timeout is not None:
         cfg.backend_ready_timeout = args.backend_ready_timeout
     token = ""

@@ -46,10 +46,11 @@ from daemon.supervision.errors import (
     StartFailed,
     SupervisorError,
 )
+from daemon.supervision.forkserver import ForkedDm, ForkServer
 from daemon.supervision.link import ControlLink
 from daemon.supervision.restart import RestartPolicy
 from daemon.supervision.settings import DEFAULT_DM_COMMAND, SupervisorConfig
-from daemon.supervision.spawn import UidPool, spawn_dm
+from daemon.supervision.spawn import DmLaunch, UidPool, spawn_dm
 from daemon.supervision.state import LIVE_STATES, VALID_TRANSITIONS, Guest, GuestState, InvalidTransition
 
 __all__ = [
@@ -78,6 +79,8 @@ class Supervisor:
         self.link = ControlLink(cfg.paths, cfg.request_timeout)
         self.backends = BackendSupervisor(cfg, self.link, self._backend_uid, lambda: self._closing)
         self._closing = False
+        # --dm-spawn zygote: DMs are forked by a pre-imported zygote (started in load()).
+        self.forkserver: ForkServer | None = ForkServer() if cfg.uses_zygote else None
 
     def policy(self, g: Guest) -> RestartPolicy:
         return RestartPolicy.for_guest(g.definition, self.cfg.backoff_initial, self.cfg.backoff_max)
@@ -87,6 +90,9 @@ class Supervisor:
     async def load(self) -> None:
         """Load definitions, then find DMs left running by a previous daemon and re-attach to them."""
         self.paths.ensure()
+        if self.forkserver is not None:
+            self.forkserver.attach(asyncio.get_running_loop())
+            self._zygote_start = asyncio.ensure_future(asyncio.to_thread(self._start_zygote))
         defs, self.store_errors = self.store.load_all()
         for d in defs.values():
             self.guests[d.name] = Guest(d)
@@ -99,6 +105,17 @@ class Supervisor:
             else:
                 async with g.lock:
                     await self._reattach(g)
+
+    def _start_zygote(self) -> None:
+        assert self.forkserver is not None
+        try:
+            self.forkserver.ensure()
+        except SupervisorError as e:  # the first spawn tries again and reports it to its caller
+            log.error("%s", e)
+
+    def _launch(self, launch: DmLaunch) -> Any:
+        assert self.forkserver is not None
+        return self.forkserver.spawn(launch.args, launch.pass_fds, launch.log_fd)
 
     def _read_pid(self, name: str) -> int | None:
         try:
@@ -270,7 +287,8 @@ class Supervisor:
             g.uid = self.uids.alloc()
         try:
             popen = await asyncio.to_thread(spawn_dm, self.cfg, g, jailed=self._jailed(g),
-                                            backend_uid=self._backend_uid(g), end_backend=self.backends.end)
+                                            backend_uid=self._backend_uid(g), end_backend=self.backends.end,
+                                            launch=self._launch if self.forkserver is not None else None)
         except Exception as e:  # noqa: BLE001 - any failure preparing the DM (missing image, demo build error)
             log.debug("guest %s: spawn preparation failed", name, exc_info=True)
             g.set_state(S.FAILED if g.state == S.RESTARTING else S.STOPPED)
@@ -280,7 +298,8 @@ class Supervisor:
             raise StartFailed(f"guest {name!r}: {g.last_exit_reason}") from None
         g.generation += 1
         g.popen, g.pid = popen, popen.pid
-        g.pidfd = os.pidfd_open(popen.pid)
+        # A forked DM's pidfd comes from the zygote (opened before it could be reaped); ours we open ourselves.
+        g.pidfd = popen.pidfd if isinstance(popen, ForkedDm) else os.pidfd_open(popen.pid)
         g.exited = asyncio.Event()
         g.set_state(S.STARTING)
         g.started_at = time.time()
@@ -341,11 +360,41 @@ class Supervisor:
         pidfd = g.pidfd
         if pidfd is None or gen != g.generation:
             return
+        popen = g.popen
+        if isinstance(popen, ForkedDm):
+            # Not our child: its zygote reaps it and reports the status, maybe a moment after the pidfd fired.
+            # The pidfd stays open (a kill meanwhile is harmless) until the report is in.
+            asyncio.get_running_loop().remove_reader(pidfd)
+            timer = asyncio.get_running_loop().call_later(2.0, self._on_forked_exit, g, gen, popen, None, True)
+            def reported(rc: int | None) -> None:
+                timer.cancel()
+                self._on_forked_exit(g, gen, popen, rc, False)
+
+            popen.when_reaped(reported)
+            return
         pidwatch.unwatch(pidfd)
         g.pidfd = None
+        self._dm_exited(g, pidwatch.reap(popen, "DM") if popen is not None else None)
+
+    def _on_forked_exit(self, g: Guest, gen: int, dm: ForkedDm, rc: int | None, timed_out: bool) -> None:
+        if gen != g.generation or g.pidfd is None or g.popen is not dm:
+            return  # already handled (the report and the timeout both fire at most once each)
+        if timed_out:
+            dm.zygote.waiters.pop(dm.pid, None)
+        os.close(g.pidfd)
+        g.pidfd = None
+        if rc is not None:
+            self._dm_exited(g, pidwatch.split_returncode(rc, "DM"))
+            return
+        why = "its zygote did not report it" if timed_out else "its zygote died before it"
+        self._dm_exited(g, None, unknown=f"DM exited; exit status unknown ({why})")
+
+    def _dm_exited(self, g: Guest, status: tuple[int | None, str | None] | None, unknown: str | None = None) -> None:
+        """The DM is gone: ``status`` is (code, killed-reason) when known, None when not (a re-attached DM, or a
+        forked one whose zygote could not say)."""
         code: int | None = None
-        if g.popen is not None:
-            code, killed = pidwatch.reap(g.popen, "DM")
+        if status is not None:
+            code, killed = status
             if killed is not None:
                 reason, failure = killed, True
             else:
@@ -358,7 +407,8 @@ class Supervisor:
             elif ev is not None and ev.state == "crashed":
                 reason, failure = f"DM exited after state 'crashed' ({ev.reason}); exit status unknown", True
             else:
-                reason, failure = "DM exited; exit status unknown (not our child since a daemon restart)", True
+                reason = unknown or "DM exited; exit status unknown (not our child since a daemon restart)"
+                failure = True
         if g.last_event is not None and g.last_event.guest_status is not None:
             g.guest_status = g.last_event.guest_status
         g.note(f"DM pid {g.pid} exited: {reason}")
@@ -526,6 +576,8 @@ class Supervisor:
     async def close(self) -> None:
         """Daemon exit: stop watching, leave DMs running (they are re-attached by the next daemon)."""
         self._closing = True
+        if self.forkserver is not None:
+            await asyncio.to_thread(self.forkserver.close)  # DMs keep running; the next daemon starts a new one
         for g in self.guests.values():
             if g.restart_task is not None:
                 g.restart_task.cancel()

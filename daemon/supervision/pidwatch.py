@@ -3,8 +3,9 @@
 ``os.pidfd_open(pid)`` is readable once the process exits (pidfd_open(2)), so an exit is noticed by the event
 loop at once, not by polling; ``pidfd_send_signal`` cannot hit a recycled pid. A pid read from a file is only
 trusted once a pidfd pins it *and* its command line says it is ours (:func:`open_verified`). The exit status is
-only available for our own children (``Popen``); after a daemon restart the processes were re-parented and the
-caller must say what is known instead.
+only available for our own children (``Popen``) and, for DMs forked by the zygote, from the zygote's report
+(daemon.supervision.forkserver); after a daemon restart the processes were re-parented and the caller must say
+what is known instead.
 """
 
 from __future__ import annotations
@@ -52,7 +53,12 @@ def send_signal(pidfd: int | None, sig: int) -> None:
 def reap(popen: subprocess.Popen[bytes], what: str) -> tuple[int | None, str | None]:
     """Our child has exited (its pidfd is readable, so this does not block): ``(code, None)`` for an exit,
     ``(None, "<what> killed by signal NAME")`` for a fatal signal."""
-    rc = popen.wait()
+    return split_returncode(popen.wait(), what)
+
+
+def split_returncode(rc: int, what: str) -> tuple[int | None, str | None]:
+    """A ``Popen.returncode`` (``-SIG`` for a fatal signal; the DM zygote reports the same convention) as
+    :func:`reap` returns it."""
     if rc >= 0:
         return rc, None
     try:

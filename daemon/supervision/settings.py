@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from typing import Literal
 
 from daemon import backends as bk
 from daemon.paths import Paths
@@ -15,6 +16,9 @@ DEFAULT_DM_COMMAND = [sys.executable, "-m", "daemon.dm"]
 class SupervisorConfig:
     paths: Paths
     dm_command: list[str] = field(default_factory=lambda: list(DEFAULT_DM_COMMAND))
+    # How DMs start: "zygote" forks them from a pre-imported process (daemon.zygote), "exec" runs dm_command.
+    # The zygote runs daemon.dm itself, so a custom dm_command (the tests' fake DM) always means exec.
+    dm_spawn: Literal["exec", "zygote"] = "zygote"
     kvm_device: str = "/dev/kvm"
     no_jail: bool = False
     uid_base: int = 200000
@@ -28,3 +32,7 @@ class SupervisorConfig:
     backend_ready_timeout: float = bk.READY_TIMEOUT
     # Back-end restarts back off too, but stay well under the front-end's re-attach grace (5 s).
     backend_backoff_max: float = 1.0
+
+    @property
+    def uses_zygote(self) -> bool:
+        return self.dm_spawn == "zygote" and self.dm_command == DEFAULT_DM_COMMAND

@@ -7,6 +7,10 @@ run's kept as console.log.1), ``--kvm-fd``, ``--kernel-fd``, ``--initrd-fd``, on
 image, or a socket connected to its vhost-user back-end), one ``--tap-fd`` per nic (a tap, or a socket connected to
 its net back-end), then ``--jail-root/--uid/--gid`` or ``--no-jail``. stdout/stderr go to the guest's dm.log.
 
+How the DM is started is the caller's choice (``launch``): :func:`exec_dm` (``Popen`` of the configured
+dm_command with the argv and fds) or the zygote (daemon.supervision.forkserver: a fork of a pre-imported process
+given the same fds at the same numbers and the same arguments, from ``daemon.dm.parse_args`` on the same DM).
+
 Jail uids: the DM of a guest gets one from the lower half of the configured range, its back-ends share the uid at
 the same position in the upper half.
 """
@@ -18,6 +22,7 @@ import os
 import socket
 import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from daemon import backends as bk
@@ -73,11 +78,29 @@ def open_kernel(d: GuestDefinition) -> int:
     return os.open(os.fspath(built), os.O_RDONLY | os.O_CLOEXEC)
 
 
+@dataclass(frozen=True)
+class DmLaunch:
+    """One DM to start: ``args`` for ``daemon.dm.parse_args`` (the fds they name are ``pass_fds``, at those
+    numbers) and ``log_fd``, the guest's dm.log, for stdout and stderr."""
+
+    args: list[str]
+    pass_fds: list[int]
+    log_fd: int
+
+
+def exec_dm(cfg: SupervisorConfig, launch: DmLaunch) -> subprocess.Popen[bytes]:
+    """``--dm-spawn exec``: fork/exec the configured dm_command with exactly the launch's fds."""
+    return subprocess.Popen(list(cfg.dm_command) + launch.args, pass_fds=launch.pass_fds, start_new_session=True,
+                            close_fds=True, stdin=subprocess.DEVNULL, stdout=launch.log_fd, stderr=launch.log_fd,
+                            cwd="/")
+
+
 def spawn_dm(cfg: SupervisorConfig, g: Guest, *, jailed: bool, backend_uid: int | None,
-             end_backend: Callable[[bk.Backend], None]) -> subprocess.Popen[bytes]:
-    """Prepare every fd of the contract, start the guest's managed back-ends (``g.backends``), fork/exec the DM
-    with exactly those fds, close our copies. Runs in a worker thread. On failure every back-end it started is
-    ended and ``g.backends`` is empty again."""
+             end_backend: Callable[[bk.Backend], None],
+             launch: Callable[[DmLaunch], Any] | None = None) -> Any:
+    """Prepare every fd of the contract, start the guest's managed back-ends (``g.backends``), start the DM with
+    exactly those fds (``launch``, default :func:`exec_dm`; its result is returned), close our copies. Runs in a
+    worker thread. On failure every back-end it started is ended and ``g.backends`` is empty again."""
     paths = cfg.paths
     d = g.definition
     name = d.name
@@ -128,7 +151,7 @@ def spawn_dm(cfg: SupervisorConfig, g: Guest, *, jailed: bool, backend_uid: int 
 
         kvm = keep(os.open(cfg.kvm_device, os.O_RDWR | os.O_CLOEXEC))
         kernel = keep(open_kernel(d))
-        argv = list(cfg.dm_command) + ["--control-fd", str(ctl), "--definition-fd", str(r),
+        argv = ["--control-fd", str(ctl), "--definition-fd", str(r),
                                        "--console-fd", str(con), "--kvm-fd", str(kvm),
                                        "--kernel-fd", str(kernel)]
         if d.initrd is not None:
@@ -171,10 +194,10 @@ def spawn_dm(cfg: SupervisorConfig, g: Guest, *, jailed: bool, backend_uid: int 
         else:
             argv += ["--no-jail"]
         pass_fds = [ctl, *(fd for fd in to_close if fd != dmlog)]
-        popen = subprocess.Popen(argv, pass_fds=pass_fds, start_new_session=True, close_fds=True,
-                                 stdin=subprocess.DEVNULL, stdout=dmlog, stderr=dmlog, cwd="/")
+        dm = DmLaunch(argv, pass_fds, dmlog)
+        started = exec_dm(cfg, dm) if launch is None else launch(dm)
         ok = True
-        return popen
+        return started
     finally:
         if not ok:
             for b in g.backends:

@@ -19,11 +19,14 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemon import backends as bk
 from daemon.config import GuestDefinition
 from daemon.control import ControlClient, StateEvent
+
+if TYPE_CHECKING:
+    from daemon.supervision.forkserver import ForkedDm
 
 log = logging.getLogger("daemon.supervisor")
 
@@ -78,7 +81,7 @@ class Guest:
     _state: GuestState = GuestState.STOPPED
     pid: int | None = None
     pidfd: int | None = None
-    popen: subprocess.Popen[bytes] | None = None
+    popen: subprocess.Popen[bytes] | ForkedDm | None = None  # our child (exec) or the zygote's (ForkedDm)
     started_at: float | None = None  # wall clock, survives daemon restarts via meta.json
     last_exit_reason: str | None = None
     last_exit_code: int | None = None
