@@ -119,7 +119,7 @@ class GuestDefinition:
         d["nics"] = [asdict(x) for x in self.nics]
         d["boot_order"] = list(self.boot_order)
         if self.firmware is not None:
-            del d["kernel"]  # a firmware guest has none; parse_definition refuses both
+            del d["kernel"], d["initrd"], d["cmdline"]  # a firmware guest has none; parse_definition refuses them
         else:
             del d["firmware"], d["boot_order"]  # a kernel guest's dict stays as it always was
         return d

@@ -43,7 +43,15 @@ _DEF_PROPS: dict[str, Any] = {
     "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,62}$"},
     "vcpus": {"type": "integer", "minimum": VCPUS_RANGE[0], "maximum": VCPUS_RANGE[1], "default": 1},
     "memory_mib": {"type": "integer", "minimum": MEMORY_RANGE[0], "maximum": MEMORY_RANGE[1], "default": 128},
-    "kernel": {"type": "string", "description": 'Absolute path of the kernel image, or "demo"'},
+    "kernel": {"type": "string", "description": 'Absolute path of the kernel image, or "demo" (required unless '
+                                                "firmware is given)"},
+    "firmware": {"type": "string", "nullable": True,
+                 "description": '"seabios" (Debian\'s bios-256k.bin) or the absolute path of a BIOS image: boot the '
+                                "PC through it from its disks instead of loading a kernel (excludes kernel, initrd, "
+                                "cmdline)"},
+    "boot_order": {"type": "array", "maxItems": MAX_DISKS + MAX_NICS,
+                   "items": {"type": "string", "pattern": "^(disk|nic)(0|[1-9][0-9]?)$"},
+                   "description": 'Firmware boot order, e.g. ["disk0", "nic0"] (default: every disk in order)'},
     "initrd": {"type": "string", "nullable": True},
     "cmdline": {"type": "string", "maxLength": MAX_CMDLINE, "default": ""},
     "disks": {"type": "array", "maxItems": MAX_DISKS, "items": {
@@ -108,7 +116,7 @@ SCHEMAS: dict[str, Any] = {
     "Error": {"type": "object", "required": ["error"], "properties": {
         "error": {"type": "string"},
         "errors": {"type": "array", "items": {"type": "string"}}}},
-    "GuestDefinition": {"type": "object", "additionalProperties": False, "required": ["name", "kernel"],
+    "GuestDefinition": {"type": "object", "additionalProperties": False, "required": ["name"],
                         "properties": _DEF_PROPS},
     "GuestInfo": {"type": "object", "required": list(_INFO_PROPS), "properties": _INFO_PROPS},
     "Guest": {"allOf": [_ref("GuestInfo"), {"type": "object", "required": ["definition"],

@@ -226,8 +226,7 @@ def load_definition(args: argparse.Namespace) -> tuple[GuestDefinition, int | No
         try:
             d = parse_definition(raw, check_paths=True)  # the image is checked before anything starts
         except ConfigError as e:
-            raise DefinitionError("; ".join(f"--{err}" if err.startswith("firmware") else err
-                                            for err in _flag_names(e.errors, args))) from None
+            raise DefinitionError("; ".join(_flag_names(e.errors, args))) from None
         return d, None
     if args.definition is None:
         raw = {"name": RUN_NAME, "kernel": DEMO_KERNEL if args.demo else os.path.abspath(args.kernel),

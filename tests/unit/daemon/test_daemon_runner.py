@@ -59,7 +59,7 @@ def test_exactly_one_of_definition_kernel_or_demo_else_usage_error(argv: list[st
         runner.main(argv)
     assert e.value.code == runner.EXIT_USAGE == 2
     err = capsys.readouterr().err
-    assert "give one of DEFINITION, --kernel or --demo" in err or "cannot be combined" in err or "not allowed" in err
+    assert "give one of DEFINITION, --kernel, --demo or --firmware" in err or "cannot be combined" in err or "not allowed" in err
 
 
 def test_help_says_which_flags_override_the_definition() -> None:
