@@ -121,8 +121,21 @@ def preload_for(d: GuestDefinition) -> None:
         import pv.console  # noqa: F401
     if d.nics:
         import pv.net  # noqa: F401
-    if any(disk.backend == "vhost-user" for disk in d.disks) or any(nic.backend == "vhost-user" for nic in d.nics):
+    if needs_shared_memory(d):
         import pv.vhost_user.frontend  # noqa: F401
+
+
+def needs_shared_memory(d: GuestDefinition) -> bool:
+    """Guest RAM must be a (sealed) memfd that back-ends can map when any device is vhost-user; otherwise it is
+    anonymous memory, which gets transparent huge pages (kvmcore.memory)."""
+    return any(disk.backend == "vhost-user" for disk in d.disks) or any(nic.backend == "vhost-user" for nic in d.nics)
+
+
+def guest_memory(d: GuestDefinition, mem_size: int) -> GuestMemory:
+    from kvmcore import layout
+    from kvmcore.memory import GuestMemory
+
+    return GuestMemory.create(layout.ram_layout(mem_size), shared=needs_shared_memory(d))
 
 
 def machine_config(d: GuestDefinition, res: GuestResources, *, mem_size: int | None = None) -> MachineConfig:
@@ -267,11 +280,14 @@ def build_vm(d: GuestDefinition, res: GuestResources, *, serial_sink: SerialSink
             # The BIOS's debug port (0x402) in whole "[bios] " lines between COM1's (SeaBIOS's sercon) lines.
             bios_log = SharedConsoleLog(com1_sink, prefix=BIOS_LOG_PREFIX)  # type: ignore[arg-type]
             com1_sink = bios_log.primary  # type: ignore[assignment]
+        cfg = machine_config(d, res, mem_size=mem_size)
         if vmm_factory is None:
             from daemon.vmm import Vmm
 
             vmm_factory = Vmm
-        vmm = vmm_factory(machine_config(d, res, mem_size=mem_size), kvm=kvm, serial_sink=com1_sink, mem=mem)
+            if mem is None:
+                mem = guest_memory(d, cfg.mem_size)  # the Vmm owns and closes it
+        vmm = vmm_factory(cfg, kvm=kvm, serial_sink=com1_sink, mem=mem)
     except BaseException:
         _close_all((), owned)
         raise

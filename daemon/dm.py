@@ -34,12 +34,11 @@ from typing import Any
 # (the virtio modules a guest's devices need are imported by daemon.builder.preload_for, still before the jail).
 import daemon.vmm  # noqa: F401
 from daemon import messages as msg
-from daemon.builder import GuestResources, build_vm, preload_for
+from daemon.builder import GuestResources, build_vm, guest_memory, preload_for
 from daemon.config import ConfigError, GuestDefinition, parse_definition
 from daemon.control import ControlServer, typed_fd_handler, typed_handler
 from daemon.messages import DmState, ExitCode
 from daemon.vmm import Vmm
-from kvmcore import layout
 from kvmcore.kvm import Kvm, KvmError
 from kvmcore.loader.errors import LoaderError
 from kvmcore.memory import GuestMemory
@@ -260,7 +259,7 @@ class DeviceModel:
         kernel = _read_fd(a.kernel_fd, 256 << 20)
         initrd = _read_fd(a.initrd_fd, 1 << 30) if a.initrd_fd is not None else None
         mem_size = d.memory_mib << 20
-        mem = GuestMemory.create(layout.ram_layout(mem_size))
+        mem = guest_memory(d, mem_size)  # before the jail: anonymous THP RAM, or a memfd when vhost-user needs it
         self.control = ControlServer(a.control_fd, typed_handler(self.handle), typed_fd_handler(self.handle_fd))
         preload_for(d)
         if not a.no_jail:

@@ -259,6 +259,9 @@ class VhostUserDevice(VirtioDevice):
         return True
 
     def _start(self, mem: GuestMemory, queues: list[QueueConfig]) -> None:
+        if not mem.shareable:
+            # The builder allocates shareable RAM whenever a definition has a vhost-user device; this is a bug.
+            raise BackendError("guest RAM is not shareable (anonymous memory): a vhost-user back-end cannot map it")
         c = self.conn
         features = self.acked_features
         if self.protocol_features or self.backend_features & (1 << P.VHOST_USER_F_PROTOCOL_FEATURES):

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from daemon import builder
-from daemon.builder import BuiltVm, GuestResources, ResourceMismatchError, build_vm
+from daemon.builder import BuiltVm, GuestResources, ResourceMismatchError, build_vm, guest_memory
 from daemon.config import GuestDefinition, parse_definition
 from daemon.vmm import MachineConfig
 from pv.blk import Block
@@ -284,3 +284,36 @@ def test_the_dm_builds_through_the_builder_and_keeps_no_attach_logic_of_its_own(
 
     assert dm.build_vm is builder.build_vm and dm.preload_for is builder.preload_for
     assert not any(hasattr(dm.DeviceModel, n) for n in ("_attach_disks", "_attach_nics", "_attach_rng_console"))
+
+
+@pytest.mark.parametrize(("doc", "shared"), [
+    ({}, False),
+    ({"disks": [{"path": "/img"}], "nics": [{"mac": "52:54:00:aa:bb:cc"}]}, False),
+    ({"disks": [{"path": "/sock", "backend": "vhost-user"}]}, True),
+    ({"nics": [{"mac": "52:54:00:aa:bb:cc", "backend": "vhost-user"}]}, True),
+])
+def test_guest_ram_is_a_shareable_memfd_only_when_a_vhost_user_back_end_must_map_it(
+        doc: dict[str, Any], shared: bool) -> None:
+    mem = guest_memory(_definition(**doc), 8 << 20)
+    try:
+        assert mem.shareable is shared
+        assert all((s.fd >= 0) is shared for s in mem.slots())
+    finally:
+        mem.close()
+
+
+def test_a_vhost_user_front_end_refuses_anonymous_guest_ram_with_a_clear_error(image: Path, fds: list[int]) -> None:
+    from kvmcore.memory import GuestMemory
+    from pv.vhost_user.frontend import BackendError
+
+    d = _definition(disks=[{"path": "/sock0", "backend": "vhost-user"}])
+    blk_fd, _ = _vhost_user_backend(Block(_open(fds, image), serial="VUSER"))
+    built = _build(d, GuestResources(kernel=KERNEL, disks=[blk_fd]))
+    mem = GuestMemory.create([(0, 4 << 20)], shared=False)
+    try:
+        [dev] = built.vhost_devices
+        with pytest.raises(BackendError, match="not shareable"):
+            dev._start(mem, [])
+    finally:
+        mem.close()
+        built.close()

@@ -7,6 +7,7 @@ import errno
 import fcntl
 import mmap
 import os
+import re
 import struct
 from collections.abc import Iterator
 
@@ -368,3 +369,61 @@ def test_random_accesses_succeed_inside_a_region_or_raise_a_guest_memory_error(
     else:
         assert gpa >= 0 and _inside_one_region(gpa, len(data))
         assert prop_mem.read(gpa, len(data)) == data
+
+
+# ------------------------------------------------------------------------------------------ backings
+def _anon_huge_kib(addr: int) -> int:
+    """AnonHugePages (KiB) of the mapping that holds ``addr``, from /proc/self/smaps."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        m = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+        if m:
+            inside = int(m.group(1), 16) <= addr < int(m.group(2), 16)
+        elif inside and line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no mapping at 0x{addr:x}")
+
+
+def test_unshared_memory_is_anonymous_with_host_addresses_congruent_to_the_guest_s_mod_2mib() -> None:
+    mem = GuestMemory.create([(0, 8 * MIB), (16 * MIB + 64 * 1024, 4 * MIB)], shared=False)
+    try:
+        assert not mem.shareable
+        for s in mem.slots():
+            assert s.fd == -1
+            assert (s.host_addr - s.gpa) % (2 * MIB) == 0  # KVM can map 2 MiB guest pages
+        mem.write(8 * MIB - 4, b"edge")
+        mem.write(16 * MIB + 64 * 1024, b"second")
+        assert mem.read(8 * MIB - 4, 4) == b"edge" and mem.read(16 * MIB + 64 * 1024, 6) == b"second"
+        with pytest.raises(InvalidGuestAddress):
+            mem.read(8 * MIB - 4, 8)  # the alignment pad past the region is not guest memory
+        [(gpa0, v0), (gpa1, v1)] = mem.host_views()
+        assert (gpa0, len(v0), gpa1, len(v1)) == (0, 8 * MIB, 16 * MIB + 64 * 1024, 4 * MIB)
+        assert bytes(v0[8 * MIB - 4 :]) == b"edge"
+        v0.release()
+        v1.release()
+    finally:
+        mem.close()
+
+
+def test_unshared_memory_gets_transparent_huge_pages_where_the_kernel_offers_them() -> None:
+    mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    if "[never]" in mode:
+        pytest.skip(f"this kernel's THP mode is never ({mode.strip()})")
+    mem = GuestMemory.create([(0, 16 * MIB)], shared=False)
+    try:
+        mem.write(0, b"\x01" * (16 * MIB))  # fault every page in
+        [slot] = mem.slots()
+        assert _anon_huge_kib(slot.host_addr) >= 2048, "no huge page backs the guest's RAM"
+    finally:
+        mem.close()
+
+
+def test_shared_memory_is_a_sealed_memfd_and_says_so() -> None:
+    mem = GuestMemory.create([(0, 4 * MIB)])
+    try:
+        assert mem.shareable
+        [slot] = mem.slots()
+        seals = fcntl.fcntl(slot.fd, fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_SEAL
+    finally:
+        mem.close()
