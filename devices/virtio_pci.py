@@ -117,7 +117,10 @@ _A = STATUS_ACKNOWLEDGE
 _AD = _A | STATUS_DRIVER
 _ADF = _AD | STATUS_FEATURES_OK
 _ADFO = _ADF | STATUS_DRIVER_OK
-VALID_TRANSITIONS: frozenset[tuple[int, int]] = frozenset({(0, _A), (_A, _AD), (_AD, _ADF), (_ADF, _ADFO)})
+# (0, _AD): §3.1.1 steps 2 and 3 in one write, as SeaBIOS's virtio drivers do (src/hw/virtio-pci.c
+# vp_init_simple); QEMU accepts it, and refusing it left SeaBIOS without its boot disk.
+VALID_TRANSITIONS: frozenset[tuple[int, int]] = frozenset({(0, _A), (0, _AD), (_A, _AD), (_AD, _ADF),
+                                                           (_ADF, _ADFO)})
 
 
 def _align(v: int, a: int) -> int:

@@ -465,7 +465,7 @@ def test_feature_writes_outside_the_driver_phase_are_ignored(rig) -> None:  # ty
 @pytest.mark.parametrize(
     "path",
     [
-        [AD],  # skipping ACKNOWLEDGE
+        [ADF],  # FEATURES_OK straight from reset: no features can have been written
         [A, ADF],  # skipping DRIVER
         [A, AD, AD | STATUS_DRIVER_OK],  # DRIVER_OK without FEATURES_OK
         [A, AD, ADF, A],  # clearing bits
@@ -488,6 +488,17 @@ def test_invalid_status_transitions_are_ignored_and_counted(rig, path: list[int]
     assert drv.status() == before
     assert vdev.stats.invalid_status_writes == bad + 1
     assert fake.activations == []
+
+
+def test_acknowledge_and_driver_in_one_write_like_seabios(rig) -> None:  # type: ignore[no-untyped-def]
+    vdev, fake, _plat, drv = rig
+    drv.size_and_place_bar0()
+    drv.set_status(AD)  # SeaBIOS vp_init_simple: ACKNOWLEDGE | DRIVER at once
+    assert drv.status() == AD
+    drv.write_features(1 << VIRTIO_F_VERSION_1)
+    drv.set_status(ADF)
+    assert drv.status() == ADF
+    assert vdev.stats.invalid_status_writes == 0
 
 
 def test_failed_may_be_set_at_any_point(rig) -> None:  # type: ignore[no-untyped-def]
