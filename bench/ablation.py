@@ -127,6 +127,8 @@ class Mark:
 class _MarkerSink:
     """Serial sink: at every '<' / '>' written by the guest, snapshot time, exit counts and CPU times."""
 
+    synchronous = True  # each byte at the exit that wrote it, not batched by the UART's C half (devices/serial.py)
+
     def __init__(self, backend_pids: list[int], on_second_phase: Callable[[], None] | None = None) -> None:
         self.on_second_phase = on_second_phase
         self.opened = 0

@@ -61,6 +61,8 @@ class Result:
 class _MarkerClock:
     """Timestamps every '<' and '>' in the order they appear in a byte stream."""
 
+    synchronous = True  # each byte at the exit that wrote it, not batched by the UART's C half (devices/serial.py)
+
     def __init__(self) -> None:
         self.marks: list[float] = []
         self.text = bytearray()

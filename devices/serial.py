@@ -111,8 +111,13 @@ DEFAULT_MCR = MCR_OUT2
 
 
 class SerialSink(Protocol):
+    """Where transmitted bytes go. With the UART's C half (attach_accel) bytes may arrive in batches, from the
+    thread that drains its TX ring, up to about a millisecond after the guest wrote them; a sink that needs each
+    byte at the exit that wrote it (a bench timestamping markers) sets a true ``synchronous`` attribute, and then
+    every THR write is handled in Python."""
+
     def write(self, data: bytes) -> None:
-        """Take bytes the guest transmitted. May raise OSError; the UART then counts the byte as dropped."""
+        """Take bytes the guest transmitted. May raise OSError; the UART then counts the bytes as dropped."""
 
 
 class SerialAccel(Protocol):
@@ -363,7 +368,7 @@ class Serial(BusDevice):
             fast |= 1 << MSR
         values = bytes((rbr, self._dlm if dlab else self._ier, iir, self._lcr, self._mcr, self._lsr(),
                         self._modem_lines() | self._msr_deltas, self._scr))
-        if dlab or self._mcr & MCR_LOOP or self._sink is None:
+        if dlab or self._mcr & MCR_LOOP or self._sink is None or getattr(self._sink, "synchronous", False):
             thr = THR_PYTHON
         elif not self._ier & IER_ETBEI:
             thr = THR_RING

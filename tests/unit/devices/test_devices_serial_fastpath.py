@@ -336,3 +336,22 @@ def test_generated_sequences_match_the_reference(ops: list[tuple[str, object, in
             p.check()
     finally:
         p.close()
+
+
+def test_a_synchronous_sink_gets_every_byte_from_python_at_the_write() -> None:
+    class Timestamping(RecSink):
+        synchronous = True
+
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        sink = Timestamping()
+        uart = S.Serial(CountingTrigger(), sink)
+        acc = fastrun.UartAccel(irq_fd=efd)
+        uart.attach_accel(acc)
+        for ch in b"<>":
+            assert not acc.io(S.DATA, True, bytearray((ch,)))  # declined: the vCPU loop hands it to Python
+            uart.write(S.DATA, bytes((ch,)))
+            assert sink.data[-1] == ch  # delivered by the write itself, not by a later flush
+        assert acc.io(S.LSR, False, bytearray(1))  # reads are still C's
+    finally:
+        os.close(efd)
