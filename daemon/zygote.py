@@ -333,7 +333,8 @@ class Zygote:
             os.close(go_w)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, entry: Entry = dm_entry, load: Callable[[], None] = preload) -> int:
+    """``python -m daemon.zygote``; ``entry`` and ``load`` are for tests (a probe entry instead of the DM)."""
     p = argparse.ArgumentParser(prog="kvmdm-zygote", description="kvmdm DM zygote (started by kvmdmd)")
     p.add_argument("--request-fd", type=int, required=True)
     p.add_argument("--event-fd", type=int, required=True)
@@ -345,14 +346,14 @@ def main(argv: list[str] | None = None) -> int:
     for s in (req, ev):
         s.set_inheritable(False)
     t0 = time.monotonic()
-    preload()
+    load()
     n = _thread_count()
     if n != 1:
         log.error("imports started %d threads; a zygote must be single-threaded", n - 1)
         return 1
     area = _argv_area() if a.cmdline_room else None
     log.info("ready in %.0f ms, %d modules", (time.monotonic() - t0) * 1e3, len(sys.modules))
-    return Zygote(req, ev, dm_entry, area).serve()
+    return Zygote(req, ev, entry, area).serve()
 
 
 if __name__ == "__main__":
