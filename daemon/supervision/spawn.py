@@ -65,6 +65,11 @@ class UidPool:
 
 
 def open_kernel(d: GuestDefinition) -> int:
+    if d.firmware is not None:
+        # A firmware guest's DM gets the BIOS image on its kernel fd (daemon.builder.machine_config).
+        from daemon.config import firmware_file
+
+        return os.open(firmware_file(d.firmware), os.O_RDONLY | os.O_CLOEXEC)
     if d.kernel != DEMO_KERNEL:
         return os.open(d.kernel, os.O_RDONLY | os.O_CLOEXEC)
     from kvmcore.util.guest_build import build_demo  # lazy: building may be slow
