@@ -515,6 +515,12 @@ class JailedProcess:
             time.sleep(0.01)
         raise TimeoutError(f"process {self.pid} has no child")
 
+    def _exit_status(self) -> tuple[int | None, int | None]:
+        """(exit code, fatal signal) of the process, once it has exited: we are its parent."""
+        _, wstatus = os.waitpid(self.pid, 0)
+        return (os.WEXITSTATUS(wstatus) if os.WIFEXITED(wstatus) else None,
+                os.WTERMSIG(wstatus) if os.WIFSIGNALED(wstatus) else None)
+
     def wait(self, timeout: float = 30.0) -> JailedResult:
         bufs: dict[int, bytearray] = {self._result_fd: bytearray(), self._stderr_fd: bytearray()}
         open_fds = set(bufs)
@@ -535,10 +541,8 @@ class JailedProcess:
                     open_fds.discard(fd)
         for fd in bufs:
             os.close(fd)
-        _, wstatus = os.waitpid(self.pid, 0)
+        code, sig = self._exit_status()
         stderr = bufs[self._stderr_fd].decode(errors="replace")
-        code = os.WEXITSTATUS(wstatus) if os.WIFEXITED(wstatus) else None
-        sig = os.WTERMSIG(wstatus) if os.WIFSIGNALED(wstatus) else None
         if timed_out:
             return JailedResult(error_type="Timeout", exit_code=code, term_signal=sig, stderr=stderr)
         raw = bytes(bufs[self._result_fd])
@@ -575,28 +579,35 @@ def spawn_jailed(fn: Callable[[], Any], cfg: JailConfig) -> JailedProcess:
         os.close(err_r)
         os.dup2(err_w, 2)
         os.close(err_w)
-        # The test runner may have replaced sys.stderr with an object over another fd: point it at fd 2.
-        # Same for logging: a test runner's handlers write to fds the jail closes.
-        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
-        logging.root.handlers[:] = [logging.StreamHandler(sys.stderr)]
-        enter_jail(replace(cfg, keep_fds=tuple(dict.fromkeys((*cfg.keep_fds, result_w, 2)))))
-        try:
-            msg: dict[str, Any] = {"value": fn()}
-        except BaseException as e:  # noqa: B036 - everything must be reported, even SystemExit
-            msg = {"error_type": type(e).__name__, "message": str(e), "errno": getattr(e, "errno", None)}
-        try:
-            data = json.dumps(msg).encode()
-        except (TypeError, ValueError) as e:
-            data = json.dumps({"error_type": "NotJSON", "message": str(e)}).encode()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(result_w, view):]
-        code = 0
+        code = run_in_jail(fn, cfg, result_w)
     except BaseException:  # noqa: B036
         traceback.print_exc()
         sys.stderr.flush()
     finally:
         os._exit(code)
+
+
+def run_in_jail(fn: Callable[[], Any], cfg: JailConfig, result_w: int) -> int:
+    """The child's side of :func:`spawn_jailed` once fd 2 is the stderr pipe: jail (``cfg`` plus ``result_w`` and
+    fd 2), run ``fn``, write its JSON result to ``result_w``; returns the exit code. (Also the entry of the
+    zygote-forked variant the security tests run, tests/security/conftest.py.)"""
+    # The test runner may have replaced sys.stderr with an object over another fd: point it at fd 2.
+    # Same for logging: a test runner's handlers write to fds the jail closes.
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+    logging.root.handlers[:] = [logging.StreamHandler(sys.stderr)]
+    enter_jail(replace(cfg, keep_fds=tuple(dict.fromkeys((*cfg.keep_fds, result_w, 2)))))
+    try:
+        msg: dict[str, Any] = {"value": fn()}
+    except BaseException as e:  # noqa: B036 - everything must be reported, even SystemExit
+        msg = {"error_type": type(e).__name__, "message": str(e), "errno": getattr(e, "errno", None)}
+    try:
+        data = json.dumps(msg).encode()
+    except (TypeError, ValueError) as e:
+        data = json.dumps({"error_type": "NotJSON", "message": str(e)}).encode()
+    view = memoryview(data)
+    while view:
+        view = view[os.write(result_w, view):]
+    return 0
 
 
 def run_jailed(fn: Callable[[], Any], cfg: JailConfig, timeout: float = 30.0) -> JailedResult:

@@ -8,12 +8,20 @@ skip the only tests that attack the jail.
 from __future__ import annotations
 
 import os
+import socket
+import sys
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from daemon.jail import JailConfig
+from daemon import jail
+from daemon import zygote_wire as zw
+from daemon.jail import JailConfig, JailedProcess, run_in_jail
+from daemon.zygote import Zygote
+from kvmcore.util.fdpass import recv_with_fds, send_with_fds
 
 NOBODY = 65534
 
@@ -57,3 +65,88 @@ def kvm_fd() -> Iterator[int]:
     fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
     yield fd
     os.close(fd)
+
+
+# --- jailed children forked by the DM zygote ---------------------------------------------------------------
+#
+# The escape tests run each attack in a jailed child (daemon.jail.spawn_jailed: fork, jail, run fn). With the
+# ``spawn_mode`` fixture they also run it in a child forked by the zygote's real serve loop and fork path
+# (daemon.zygote.Zygote: fds installed by number, the rest closed, handlers reset, own session, "go" handshake,
+# pidfd and exit status reported over the wire), which then jails itself with the same config: what a DM
+# forked by kvmdmd's zygote goes through. The zygote here is a fork of the test process, so that ``fn`` (a
+# closure of the test) is in its memory.
+
+
+class ZygoteJailedProcess(JailedProcess):
+    """A jailed child of a test zygote; the exit status comes from the zygote's report, as the daemon gets it."""
+
+    def __init__(self, pid: int, result_fd: int, stderr_fd: int, zygote_pid: int, req: socket.socket,
+                 ev: socket.socket, pidfd: int) -> None:
+        super().__init__(pid, result_fd, stderr_fd)
+        self.zygote_pid = zygote_pid
+        self.req, self.ev, self.pidfd = req, ev, pidfd
+
+    def _exit_status(self) -> tuple[int | None, int | None]:
+        try:
+            self.ev.settimeout(30)
+            while True:
+                m = zw.decode(self.ev.recv(zw.MAX_MESSAGE))
+                if isinstance(m, zw.Exited) and m.pid == self.pid:
+                    rc = m.returncode
+                    return (rc, None) if rc >= 0 else (None, -rc)
+        finally:
+            os.close(self.pidfd)
+            self.req.close()  # EOF: the test zygote exits
+            self.ev.close()
+            os.waitpid(self.zygote_pid, 0)
+
+
+def zygote_spawn_jailed(fn: Callable[[], Any], cfg: JailConfig) -> JailedProcess:
+    """:func:`daemon.jail.spawn_jailed`, but the child is forked by a zygote on request and given its fds by
+    SCM_RIGHTS (cfg.keep_fds at their numbers, the result pipe, the stderr pipe as its log)."""
+    req, req_z = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ev, ev_z = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    result_r, result_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+
+    def entry(_args: list[str]) -> int:
+        try:
+            return run_in_jail(fn, cfg, result_w)
+        except BaseException:  # noqa: B036 - as spawn_jailed: report and exit 70
+            traceback.print_exc()
+            sys.stderr.flush()
+            return 70
+
+    zpid = os.fork()
+    if zpid == 0:
+        code = 70
+        try:
+            for fd in (req.detach(), ev.detach(), result_r, result_w, err_r, err_w):
+                os.close(fd)  # the zygote holds nothing of its child: it gets the fds with the request
+            code = Zygote(req_z, ev_z, entry).serve()
+        finally:
+            os._exit(code)
+    req_z.close()
+    ev_z.close()
+    try:
+        req.settimeout(30)
+        assert isinstance(zw.decode(req.recv(zw.MAX_MESSAGE)), zw.Ready)
+        targets = [*dict.fromkeys(cfg.keep_fds), result_w, err_w]
+        send_with_fds(req, zw.encode(zw.Spawn(1, [], targets, len(targets) - 1)), targets)
+        data, fds, _ = recv_with_fds(req, zw.MAX_MESSAGE, 1)
+        m = zw.decode(data, len(fds))
+        assert isinstance(m, zw.Spawned), m
+    finally:
+        os.close(result_w)
+        os.close(err_w)
+    return ZygoteJailedProcess(m.pid, result_r, err_r, zpid, req, ev, fds[0])
+
+
+@pytest.fixture(params=["fork", "zygote"])
+def spawn_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test with jailed children forked directly (daemon.jail.spawn_jailed) and by a zygote."""
+    if request.param == "zygote":
+        monkeypatch.setattr(jail, "spawn_jailed", zygote_spawn_jailed)  # run_jailed looks it up there
+        if hasattr(request.module, "spawn_jailed"):
+            monkeypatch.setattr(request.module, "spawn_jailed", zygote_spawn_jailed)
+    return str(request.param)

@@ -30,7 +30,7 @@ from daemon.jail import JailConfig, JailedResult, run_jailed, spawn_jailed
 
 from ._workloads import KVM_CREATE_VM, KVM_GET_API_VERSION, dm_workload
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("spawn_mode")]  # fork and zygote (conftest.py)
 
 Make = Callable[..., JailConfig]
 SECCOMP_MODES = [pytest.param("dm", id="full-jail"), pytest.param(None, id="without-seccomp")]

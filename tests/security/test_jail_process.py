@@ -17,7 +17,7 @@ import pytest
 
 from daemon.jail import JailConfig, run_jailed, spawn_jailed
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("spawn_mode")]  # fork and zygote (conftest.py)
 
 Make = Callable[..., JailConfig]
 UNIFIED = Path("/sys/fs/cgroup/unified")
@@ -188,3 +188,26 @@ def test_jailed_process_is_placed_in_the_given_cgroup(make_config: Make, test_cg
     # memory is bound to cgroup v1 on this host: a missing memory.max is a logged skip, not a failure
     if not (test_cgroup / "memory.max").exists():
         assert "memory.max skipped" in r.stderr
+
+
+def test_the_jailed_child_is_forked_the_way_the_mode_says(make_config: Make, spawn_mode: str) -> None:
+    """The zygote variant of every test in this file and test_jail_escape.py really forks from a zygote."""
+    ready_r, ready_w = os.pipe()
+    gate_r, gate_w = os.pipe()
+
+    def fn() -> Any:
+        os.write(ready_w, b"r")
+        os.read(gate_r, 1)
+        return "ran"
+
+    proc = spawn_jailed(fn, make_config(keep_fds=[ready_w, gate_r]))
+    try:
+        assert _read(ready_r) == b"r"
+        with open(f"/proc/{proc.pid}/status") as f:
+            ppid = int(next(line for line in f if line.startswith("PPid:")).split()[1])
+    finally:
+        os.write(gate_w, b"x")
+        r = proc.wait()
+    assert r.ok and r.value == "ran"
+    assert ppid == (getattr(proc, "zygote_pid", None) if spawn_mode == "zygote" else os.getpid())
+    assert (type(proc).__name__ == "ZygoteJailedProcess") == (spawn_mode == "zygote")
