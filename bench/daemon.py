@@ -176,15 +176,39 @@ def smaps_rollup(pid: int) -> dict[str, int]:
     return out
 
 
-def private_by_mapping(pid: int) -> Counter[str]:
-    """Private_Clean + Private_Dirty per mapping name (anonymous mappings grouped as [anon])."""
+GUEST_RAM = "guest RAM"
+
+
+def guest_ram_ranges(pid: int, mem_mib: int) -> set[str]:
+    """The address ranges (as /proc/PID/maps spells them) of guest RAM: the sealed memfd ``kvmdm-guest-ram``, or
+    anonymous memory advised MADV_HUGEPAGE of the guest's size (kvmcore.memory pads it by 2 MiB to align it)."""
+    out: set[str] = set()
+    rng, name, size = "", "", 0
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        parts = line.split()
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            rng, name = parts[0], " ".join(parts[5:])
+            lo, hi = (int(x, 16) for x in rng.split("-"))
+            size = hi - lo
+            if "kvmdm-guest-ram" in name:
+                out.add(rng)
+        elif parts[0] == "VmFlags:" and not name and "hg" in parts[1:] and \
+                size in (mem_mib << 20, (mem_mib << 20) + (2 << 20)):
+            out.add(rng)
+    return out
+
+
+def private_by_mapping(pid: int, guest_ram: set[str] | frozenset[str] = frozenset()) -> Counter[str]:
+    """Private_Clean + Private_Dirty per mapping name (anonymous mappings grouped as [anon], guest RAM apart)."""
     by: Counter[str] = Counter()
     name = ""
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         parts = line.split()
         if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
             name = parts[5] if len(parts) > 5 else "[anon]"
-            if name.startswith("/memfd:"):
+            if parts[0] in guest_ram:
+                name = GUEST_RAM
+            elif name.startswith("/memfd:"):
                 name = " ".join(parts[5:])
             elif "/site-packages/" in name or "/lib/python3" in name:
                 name = "python extension modules (.so)"
@@ -195,14 +219,14 @@ def private_by_mapping(pid: int) -> Counter[str]:
     return by
 
 
-def _present_pfns(pid: int, skip: str) -> list[int]:
+def _present_pfns(pid: int, skip: set[str] | frozenset[str]) -> list[int]:
     """Physical frames of every present page of ``pid`` (pagemap(5): bit 63 present, bits 0-54 PFN; needs
-    root), skipping mappings whose name contains ``skip``."""
+    root), skipping the address ranges in ``skip``."""
     pfns = []
     with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/pagemap", "rb") as pm:
         for line in maps:
             parts = line.split()
-            if len(parts) > 5 and skip in line:
+            if parts[0] in skip:
                 continue
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
             if lo >= 1 << 47:  # [vsyscall]
@@ -215,7 +239,7 @@ def _present_pfns(pid: int, skip: str) -> list[int]:
     return pfns
 
 
-def jail_unique_bytes(pids: list[int], skip: str) -> int:
+def jail_unique_bytes(pids: list[int], skip: set[str]) -> int:
     """Memory mapped by these processes and nobody else: a frame counts when its /proc/kpagecount (number of
     mappings) equals how often these processes map it. Per-process USS misses the pages that the keeper and
     the DM still share copy-on-write since the jail's fork, so this is the jail's real private footprint."""
@@ -241,11 +265,13 @@ def bench_memory(d: BenchDaemon, elf: str, mem_mib: int) -> dict[str, Any]:
     time.sleep(1.0)  # let the DM settle (threads started, first stats served)
     d.json("GET", f"/v1/guests/{name}/stats")
     roll = smaps_rollup(dm)
-    by = private_by_mapping(dm)
-    guest_ram = sum(v for k, v in by.items() if "kvmdm-guest-ram" in k)
+    ram = guest_ram_ranges(dm, mem_mib)  # the same addresses in the keeper (mapped before the jail's fork)
+    by = private_by_mapping(dm, ram)
+    guest_ram = by.pop(GUEST_RAM, 0)
     uss = roll["Private_Clean"] + roll["Private_Dirty"] + roll.get("Private_Hugetlb", 0)
     keeper_uss = sum(v for k, v in smaps_rollup(keeper).items() if k.startswith("Private_"))
-    jail_unique = jail_unique_bytes([keeper, dm], "kvmdm-guest-ram")
+    keeper_uss -= private_by_mapping(keeper, ram).get(GUEST_RAM, 0)
+    jail_unique = jail_unique_bytes([keeper, dm], ram)
     maps = Path(f"/proc/{dm}/maps").read_text()
     web = sorted({m for m in WEB_MODULES if f"/{m}/" in maps})
     zpid = d.zygote_pid()
@@ -255,7 +281,8 @@ def bench_memory(d: BenchDaemon, elf: str, mem_mib: int) -> dict[str, Any]:
         zygote = {"uss": zroll["Private_Clean"] + zroll["Private_Dirty"], "rss": zroll["Rss"]}
     d.json("POST", f"/v1/guests/{name}/stop")
     d.json("DELETE", f"/v1/guests/{name}")
-    return {"memory_mib": mem_mib, "zygote": zygote, "uss": uss, "uss_without_guest_ram": uss - guest_ram, "guest_ram_private": guest_ram,
+    return {"memory_mib": mem_mib, "zygote": zygote, "uss": uss, "uss_without_guest_ram": uss - guest_ram,
+            "guest_ram_private": guest_ram, "guest_ram_found": bool(ram),
             "rss": roll["Rss"], "pss": roll["Pss"], "keeper_uss": keeper_uss,
             "jail_unique_without_guest_ram": jail_unique,
             "top": by.most_common(6), "web_framework_mapped": web}
@@ -426,7 +453,9 @@ def report(res: dict[str, Any], a: argparse.Namespace) -> None:
                   f"process, guest RAM excluded) {r['jail_unique_without_guest_ram'] / mib:5.1f} MiB "
                   f"(target <= {TARGET_EXTRA_GUEST_MIB:.0f}); DM USS w/o guest RAM "
                   f"{r['uss_without_guest_ram'] / mib:5.1f} MiB, keeper USS {r['keeper_uss'] / mib:4.1f}, "
-                  f"DM RSS {r['rss'] / mib:5.1f}, PSS {r['pss'] / mib:5.1f}; web framework mapped: "
+                  f"DM RSS {r['rss'] / mib:5.1f}, PSS {r['pss'] / mib:5.1f}, guest pages "
+                  f"{r['guest_ram_private'] / mib:.1f}{'' if r['guest_ram_found'] else ' (guest RAM NOT FOUND)'}; "
+                  "web framework mapped: "
                   f"{r['web_framework_mapped'] or 'none'}")
             print("           DM private by mapping: " + ", ".join(f"{k} {v / mib:.1f}" for k, v in r["top"]))
         z = res[m]["memory"][0]["zygote"]
