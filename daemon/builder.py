@@ -68,6 +68,7 @@ class GuestResources:
     kernel: bytes
     initrd: bytes | None = None
     disks: list[int] = field(default_factory=list)
+    nic_rom: bytes | None = None  # a firmware guest's virtio-net option ROM (x86 image), when the definition has one
     nics: list[int] = field(default_factory=list)
 
     def fds(self) -> list[int]:
@@ -146,8 +147,14 @@ def machine_config(d: GuestDefinition, res: GuestResources, *, mem_size: int | N
     size = mem_size if mem_size is not None else d.memory_mib << 20
     if d.firmware is not None:
         # The image in the kernel's place is the BIOS (read from the firmware file, or the DM's --kernel-fd).
+        pci_roms = {}
+        if res.nic_rom is not None and d.nics:
+            from devices.virtio_pci import VIRTIO_PCI_DEVICE_ID_BASE, VIRTIO_PCI_VENDOR_ID
+            from pv.device import VIRTIO_ID_NET
+
+            pci_roms[(VIRTIO_PCI_VENDOR_ID, VIRTIO_PCI_DEVICE_ID_BASE + VIRTIO_ID_NET)] = res.nic_rom
         return MachineConfig(mem_size=size, vcpus=d.vcpus, firmware=res.kernel, boot_order=d.boot_devices(),
-                             testdev=False)
+                             testdev=False, pci_roms=pci_roms)
     return MachineConfig(mem_size=size, vcpus=d.vcpus, kernel=res.kernel, cmdline=d.cmdline, initrd=res.initrd)
 
 

@@ -16,6 +16,8 @@ Schema (every key optional unless marked; unknown keys are errors that name the 
                  boot the PC from its reset vector through that BIOS instead of loading a kernel; excludes
                  kernel, initrd and cmdline. The image is checked (size, reset vector) when paths are checked
     boot_order   list of "diskN" | "nicN" (firmware only; default: every disk in order): the BIOS's boot order
+    nic_rom      "ipxe" (Debian's ipxe-qemu efi-virtio.rom) | absolute path | null (firmware only): the option ROM
+                 the BIOS runs for every virtio-net nic (network boot)
     initrd       str | null: absolute path      (default null)
     cmdline      str, at most 4096 UTF-8 bytes, no NUL (default "")
     disks        list (at most 16) of {path (required, absolute), read_only bool (false),
@@ -112,6 +114,7 @@ class GuestDefinition:
     console2: bool = False
     firmware: str | None = None  # "seabios" or a path; kernel is "" then
     boot_order: tuple[str, ...] = ()
+    nic_rom: str | None = None  # "ipxe" or a path (firmware only)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -121,7 +124,7 @@ class GuestDefinition:
         if self.firmware is not None:
             del d["kernel"], d["initrd"], d["cmdline"]  # a firmware guest has none; parse_definition refuses them
         else:
-            del d["firmware"], d["boot_order"]  # a kernel guest's dict stays as it always was
+            del d["firmware"], d["boot_order"], d["nic_rom"]  # a kernel guest's dict stays as it always was
         return d
 
     def boot_devices(self) -> tuple[tuple[str, int], ...]:
@@ -253,7 +256,9 @@ def _join(path: str, key: str) -> str:
 
 
 _TOP_KEYS = {"name", "vcpus", "memory_mib", "kernel", "initrd", "cmdline", "disks", "nics", "restart",
-             "max_restarts", "restart_window_s", "jail", "rng", "console2", "firmware", "boot_order"}
+             "max_restarts", "restart_window_s", "jail", "rng", "console2", "firmware", "boot_order",
+             "nic_rom"}
+IPXE = "ipxe"
 SEABIOS = "seabios"
 BOOT_DEVICE_RE = re.compile(r"(disk|nic)(0|[1-9][0-9]?)")
 _DISK_KEYS = {"path", "read_only", "serial", "backend"}
@@ -377,13 +382,14 @@ def parse_definition(raw: Any, *, check_paths: bool = True) -> GuestDefinition:
                 nics.append(NicConfig(mac=mac, tap=tap, bridge=bridge, backend=backend))
 
     boot_order = _boot_order(c, top.get("boot_order"), firmware is not None, len(disks), len(nics))
+    nic_rom = _nic_rom(c, top.get("nic_rom"), firmware is not None)
     if c.errors or name is None or kernel is None:
         raise ConfigError(c.errors or ["definition: invalid"])
     return GuestDefinition(
         name=name, kernel=kernel, vcpus=vcpus, memory_mib=memory, initrd=initrd, cmdline=cmdline,
         disks=tuple(disks), nics=tuple(nics), restart=restart, max_restarts=max_restarts,
         restart_window_s=window, jail=jail, rng=bool(rng), console2=bool(console2),
-        firmware=firmware, boot_order=boot_order,
+        firmware=firmware, boot_order=boot_order, nic_rom=nic_rom,
     )
 
 
@@ -407,6 +413,32 @@ def _firmware(c: _Checker, value: Any) -> str | None:
             c.err("firmware", str(e))
             return None
     return SEABIOS if value == SEABIOS else path
+
+
+def nic_rom_file(choice: str) -> str:
+    from kvmcore.firmware import nic_rom_path
+
+    return nic_rom_path(choice)
+
+
+def _nic_rom(c: _Checker, value: Any, firmware: bool) -> str | None:
+    if value is None:
+        return None
+    if not firmware:
+        c.err("nic_rom", "only applies with firmware")
+        return None
+    path = nic_rom_file(IPXE) if value == IPXE else c.file_path("nic_rom", value)
+    if path is None:
+        return None
+    if c.check_paths:
+        from kvmcore.firmware import FirmwareError, load_option_rom
+
+        try:
+            load_option_rom(path)
+        except FirmwareError as e:
+            c.err("nic_rom", str(e))
+            return None
+    return IPXE if value == IPXE else path
 
 
 def _boot_order(c: _Checker, value: Any, firmware: bool, ndisks: int, nnics: int) -> tuple[str, ...]:
@@ -480,6 +512,8 @@ def absolutize_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         out["initrd"] = fix(out["initrd"])
     if "firmware" in out and out["firmware"] != SEABIOS:
         out["firmware"] = fix(out["firmware"])
+    if "nic_rom" in out and out["nic_rom"] != IPXE:
+        out["nic_rom"] = fix(out["nic_rom"])
     if isinstance(out.get("disks"), list):
         out["disks"] = [
             {**d, "path": fix(d["path"])} if isinstance(d, dict) and "path" in d else d for d in out["disks"]

@@ -64,7 +64,8 @@ class FirmwareBoot:
         return PamHostBridge(self.pam)
 
     def attach_io(self, pio: Bus, *, vcpus: int, boot: Sequence[tuple[str, int]],
-                  option_roms: dict[str, bytes] | None = None, log_sink: ByteSink | None = None) -> FwCfg:
+                  option_roms: dict[str, bytes] | None = None,
+                  pci_roms: dict[tuple[int, int], bytes] | None = None, log_sink: ByteSink | None = None) -> FwCfg:
         """fw_cfg and the debug port on the port bus. ``boot``: (kind, PCI slot) in boot order."""
         paths = []
         for kind, slot in boot:
@@ -73,7 +74,7 @@ class FirmwareBoot:
             paths.append(virtio_blk_boot_path(slot) if kind == "disk" else virtio_net_boot_path(slot))
         self.bootorder = paths
         fw = pc_fw_cfg(self.mem, vcpus=vcpus, e820=firmware_e820_map(self.mem), acpi_files=self.acpi_files,
-                       bootorder=paths, option_roms=option_roms)
+                       bootorder=paths, option_roms=option_roms, pci_roms=pci_roms)
         pio.insert(fw.io, IO_PORT, IO_LENGTH)
         pio.insert(fw.dma, DMA_PORT, DMA_LENGTH)
         self.fw_cfg = fw

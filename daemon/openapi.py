@@ -49,6 +49,9 @@ _DEF_PROPS: dict[str, Any] = {
                  "description": '"seabios" (Debian\'s bios-256k.bin) or the absolute path of a BIOS image: boot the '
                                 "PC through it from its disks instead of loading a kernel (excludes kernel, initrd, "
                                 "cmdline)"},
+    "nic_rom": {"type": "string", "nullable": True,
+                "description": '"ipxe" (Debian\'s ipxe-qemu efi-virtio.rom) or the absolute path of a PCI option '
+                               "ROM the BIOS runs for every virtio-net nic (firmware only)"},
     "boot_order": {"type": "array", "maxItems": MAX_DISKS + MAX_NICS,
                    "items": {"type": "string", "pattern": "^(disk|nic)(0|[1-9][0-9]?)$"},
                    "description": 'Firmware boot order, e.g. ["disk0", "nic0"] (default: every disk in order)'},

@@ -48,6 +48,7 @@ from daemon.config import (
     GuestDefinition,
     firmware_file,
     load_definition_file,
+    nic_rom_file,
     parse_definition,
 )
 from daemon.messages import ExitCode
@@ -285,6 +286,18 @@ def _flag_names(errors: list[str], args: argparse.Namespace) -> list[str]:
             err = f"{err} (from --{flag})"
         out.append(err)
     return out
+
+
+def read_nic_rom(d: GuestDefinition, *, source: str | None) -> bytes | None:
+    """A firmware guest's virtio-net option ROM (its x86 image), checked before anything is made."""
+    if d.nic_rom is None:
+        return None
+    from kvmcore.firmware import FirmwareError, load_option_rom
+
+    try:
+        return load_option_rom(nic_rom_file(d.nic_rom))
+    except FirmwareError as e:
+        raise DefinitionError(f"{source or 'definition'}: nic_rom: {e}") from None
 
 
 def read_kernel(d: GuestDefinition, *, source: str | None) -> tuple[bytes, bytes | None]:
@@ -575,11 +588,13 @@ def _run(args: argparse.Namespace, signals: Signals) -> int:
         with signals.deferred():
             d, mem_size = load_definition(args)
             kernel, initrd = read_kernel(d, source=args.definition)
+            nic_rom = read_nic_rom(d, source=args.definition)
             host = ForegroundResources(d, signals=signals, source=args.definition)
             host.preflight()
         sink = _FdSink(sys.stdout.fileno())
         with signals.deferred():  # held from the first resource until the VM owns them all
             res = host.acquire(kernel, initrd)
+            res.nic_rom = nic_rom
             built = build_vm(d, res, serial_sink=sink, mem_size=mem_size,
                              on_device_alert=lambda text: print(f"kvmdm: {text}", file=sys.stderr))
         vmm = built.vmm

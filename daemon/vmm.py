@@ -70,6 +70,7 @@ class MachineConfig:
     # Boot order for the firmware: (kind "disk" | "net", index into the virtio devices in attach order).
     boot_order: tuple[tuple[str, int], ...] = ()
     option_roms: dict[str, bytes] = field(default_factory=dict)  # fw_cfg genroms/<name>
+    pci_roms: dict[tuple[int, int], bytes] = field(default_factory=dict)  # (vendor, device) -> option ROM
 
 
 class KernelFormatError(Exception):
@@ -384,7 +385,7 @@ class Vmm:
             slots = {id(dev): slot for slot, dev in self.pci_root.devices()}
             boot = [(kind, slots[id(self.virtio_devices[i])]) for kind, i in self.cfg.boot_order]
             self.firmware.attach_io(self.pio, vcpus=self.cfg.vcpus, boot=boot, option_roms=self.cfg.option_roms,
-                                    log_sink=self.firmware_log_sink)
+                                    pci_roms=self.cfg.pci_roms, log_sink=self.firmware_log_sink)
         elif self.pci_root is not None and self.virtio_devices:
             assign_bars(self.pci_root)
         self.attach_vcpus()

@@ -349,6 +349,11 @@ E820_FILE = "etc/e820"
 GENROMS_PREFIX = "genroms/"
 
 
+def pci_rom_name(vendor: int, device: int) -> str:
+    """SeaBIOS's fw_cfg name for the option ROM of PCI functions vendor:device."""
+    return f"pci{vendor:04x},{device:04x}.rom"
+
+
 def virtio_blk_boot_path(slot: int) -> str:
     """The OpenFirmware path QEMU puts in ``bootorder`` for a virtio-blk-pci disk in bus-0 slot ``slot`` (SeaBIOS
     src/boot.c bootprio_find_pci_device matches ``/pci@i0cf8/*@<slot>`` as a prefix of it)."""
@@ -363,7 +368,8 @@ def virtio_net_boot_path(slot: int) -> str:
 def pc_fw_cfg(mem: GuestMemory, *, vcpus: int, e820: list[tuple[int, int, int]],
               acpi_files: dict[str, bytes] | None, bootorder: list[str] | None = None,
               sercon_port: int | None = 0x3F8, boot_menu: bool = False, boot_menu_wait_ms: int | None = None,
-              boot_fail_wait_ms: int | None = None, option_roms: dict[str, bytes] | None = None) -> FwCfg:
+              boot_fail_wait_ms: int | None = None, option_roms: dict[str, bytes] | None = None,
+              pci_roms: dict[tuple[int, int], bytes] | None = None) -> FwCfg:
     """The items QEMU's i440FX "pc" machine offers SeaBIOS (hw/i386/fw_cfg.c fw_cfg_arch_create, hw/i386/pc.c),
     minus what kvmdm has no use for (SMBIOS tables: SeaBIOS builds its own; kernel/initrd keys: firmware boots a
     disk). Why each is here:
@@ -378,7 +384,10 @@ def pc_fw_cfg(mem: GuestMemory, *, vcpus: int, e820: list[tuple[int, int, int]],
       SeaBIOS reboots when nothing boots), BOOT_MENU + ``etc/boot-menu-wait`` (le16 ms);
     * ``etc/sercon-port``: SeaBIOS's screen on a serial port (there is no VGA), so its banner and the boot
       loader's BIOS text output reach the console log;
-    * ``genroms/*``: option ROMs SeaBIOS copies below 1 MiB and runs (iPXE).
+    * ``genroms/*``: option ROMs SeaBIOS copies below 1 MiB and runs, tied to no device;
+    * ``pciVVVV,DDDD.rom``: the option ROM of every PCI function with that vendor/device id, which SeaBIOS runs in
+      place of the function's ROM BAR (src/optionroms.c init_pcirom), so its boot entry carries the function's
+      PCI path and ``bootorder`` finds it: iPXE for virtio-net (QEMU gives virtio-net-pci efi-virtio.rom).
     """
     fw = FwCfg(mem)
     fw.add_bytes(FW_CFG_UUID, bytes(16))
@@ -405,4 +414,6 @@ def pc_fw_cfg(mem: GuestMemory, *, vcpus: int, e820: list[tuple[int, int, int]],
         fw.add_file(SERCON_FILE, struct.pack("<H", sercon_port))
     for name, rom in (option_roms or {}).items():
         fw.add_file(GENROMS_PREFIX + name, rom)
+    for (vendor, device), rom in (pci_roms or {}).items():
+        fw.add_file(pci_rom_name(vendor, device), rom)
     return fw

@@ -183,3 +183,58 @@ class FirmwareMemory:
 def firmware_path(choice: str) -> str:
     """"seabios" -> Debian's SeaBIOS; anything else is taken as a path."""
     return SEABIOS_PATH if choice == "seabios" else os.fspath(choice)
+
+
+# ---------------------------------------------------------------------------------------------- option ROMs
+IPXE_VIRTIO_ROM = "/usr/lib/ipxe/qemu/efi-virtio.rom"  # Debian's "ipxe-qemu": QEMU's default virtio-net ROM
+ROM_SIGNATURE = b"\x55\xaa"
+PCIR_SIGNATURE = b"PCIR"
+PCIR_POINTER = 0x18  # le16: the PCI data structure (PCI Firmware spec 3.0 §5.1.1)
+PCIR_IMAGE_LENGTH = 0x10  # le16, in 512-byte units
+PCIR_CODE_TYPE = 0x14  # 0: x86 PC-AT compatible, 3: EFI
+PCIR_INDICATOR = 0x15  # bit 7: last image
+CODE_TYPE_PCAT = 0
+MAX_OPTION_ROM = 16 * 1024 * KIB
+
+
+class OptionRomError(FirmwareError):
+    """An option ROM file is missing, malformed, or has no x86 (PC-AT) image."""
+
+
+def legacy_rom_image(data: bytes, name: str = "option ROM") -> bytes:
+    """The x86 PC-AT image of a PCI expansion ROM file (PCI Firmware spec 3.0 §5.1: images one after another,
+    each 0x55AA + a PCIR structure with its length and code type). QEMU's efi-*.rom files hold a legacy iPXE image
+    and an EFI one; a BIOS gets the first only (SeaBIOS copies a fw_cfg ROM file whole, and the whole file would not
+    fit in the option-ROM area)."""
+    off = 0
+    while off + 0x1A <= len(data):
+        if data[off : off + 2] != ROM_SIGNATURE:
+            break
+        pcir = off + int.from_bytes(data[off + PCIR_POINTER : off + PCIR_POINTER + 2], "little")
+        if pcir + 0x18 > len(data) or data[pcir : pcir + 4] != PCIR_SIGNATURE:
+            break
+        length = int.from_bytes(data[pcir + PCIR_IMAGE_LENGTH : pcir + PCIR_IMAGE_LENGTH + 2], "little") * 512
+        if length == 0 or off + length > len(data):
+            break
+        if data[pcir + PCIR_CODE_TYPE] == CODE_TYPE_PCAT:
+            return data[off : off + length]
+        if data[pcir + PCIR_INDICATOR] & 0x80:
+            break
+        off += length
+    raise OptionRomError(f"{name}: no x86 (PC-AT) image in this PCI expansion ROM")
+
+
+def load_option_rom(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_OPTION_ROM + 1)
+    except OSError as e:
+        raise OptionRomError(f"option ROM {path}: {e.strerror or e}") from None
+    if len(data) > MAX_OPTION_ROM:
+        raise OptionRomError(f"option ROM {path}: larger than 16 MiB")
+    return legacy_rom_image(data, path)
+
+
+def nic_rom_path(choice: str) -> str:
+    """"ipxe" -> Debian's iPXE virtio-net ROM; anything else is taken as a path."""
+    return IPXE_VIRTIO_ROM if choice == "ipxe" else os.fspath(choice)

@@ -88,3 +88,22 @@ def test_a_truncated_or_non_bios_firmware_file_is_refused_when_paths_are_checked
 @pytest.mark.skipif(not os.path.exists(SEABIOS_PATH), reason="Debian's seabios package is not installed")
 def test_seabios_keyword_is_checked_against_debians_image() -> None:
     assert parse_definition({"name": "fw", "firmware": "seabios"}).firmware == "seabios"
+
+
+def test_nic_rom_goes_to_the_virtio_net_pci_id_only_when_there_are_nics() -> None:
+    d = parse_definition({"name": "fw", "firmware": "seabios", "nic_rom": "ipxe", "nics": [{}],
+                          "boot_order": ["nic0"]}, check_paths=False)
+    assert d.nic_rom == "ipxe" and parse_definition(d.to_dict(), check_paths=False) == d
+    cfg = machine_config(d, GuestResources(kernel=b"bios", nic_rom=b"\x55\xaarom"))
+    assert cfg.pci_roms == {(0x1AF4, 0x1041): b"\x55\xaarom"}  # virtio 1.2 §4.1.2: 0x1040 + 1
+    bare = parse_definition({"name": "fw", "firmware": "seabios", "nic_rom": "ipxe"}, check_paths=False)
+    assert machine_config(bare, GuestResources(kernel=b"bios", nic_rom=b"x")).pci_roms == {}
+
+
+def test_nic_rom_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nic_rom: only applies with firmware"):
+        parse_definition({"name": "k", "kernel": "demo", "nic_rom": "ipxe"})
+    junk = tmp_path / "junk.rom"
+    junk.write_bytes(bytes(4096))
+    with pytest.raises(ConfigError, match=r"nic_rom: .*no x86 \(PC-AT\) image"):
+        parse_definition({"name": "fw", "firmware": "seabios", "nic_rom": str(junk)})

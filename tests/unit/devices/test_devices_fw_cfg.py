@@ -275,11 +275,11 @@ def test_pc_items_as_seabios_reads_them():
         tables = build_tables(AcpiPlatform(vcpus=2)).table_loader()
         fw = f.pc_fw_cfg(big, vcpus=2, e820=firmware_e820_map(big), acpi_files=tables,
                          bootorder=[f.virtio_blk_boot_path(1)], boot_fail_wait_ms=5000,
-                         option_roms={"efi-virtio.rom": b"\x55\xaa"})
+                         option_roms={"efi-virtio.rom": b"\x55\xaa"}, pci_roms={(0x1AF4, 0x1041): b"\x55\xaaROM"})
         bus = machine(fw)
         d = file_dir(bus)
         for name in ("etc/e820", "etc/table-loader", "etc/acpi/tables", "etc/acpi/rsdp", "bootorder",
-                     "etc/boot-fail-wait", "etc/sercon-port", "genroms/efi-virtio.rom"):
+                     "etc/boot-fail-wait", "etc/sercon-port", "genroms/efi-virtio.rom", "pci1af4,1041.rom"):
             assert name in d
         # qemu_early_e820: 20-byte entries; RAM below and above 4 GiB and KVM's pages reserved.
         sel, size = d["etc/e820"]

@@ -135,3 +135,41 @@ def test_ram_that_does_not_reach_past_1m_is_refused() -> None:
             fw.FirmwareMemory(Recorder(), small, fake_bios())
     finally:
         small.close()
+
+
+# ---- option ROMs -------------------------------------------------------------------------------------------
+def _rom_image(code_type: int, sectors: int, last: bool) -> bytes:
+    img = bytearray(sectors * 512)
+    img[0:2] = b"\x55\xaa"
+    img[2] = sectors
+    img[0x18:0x1A] = (0x40).to_bytes(2, "little")
+    img[0x40:0x44] = b"PCIR"
+    img[0x40 + 0x10 : 0x40 + 0x12] = sectors.to_bytes(2, "little")
+    img[0x40 + 0x14] = code_type
+    img[0x40 + 0x15] = 0x80 if last else 0
+    img[0x100] = code_type + 0x10  # a marker to tell the images apart
+    return bytes(img)
+
+
+def test_legacy_image_is_found_after_an_efi_one() -> None:
+    efi = _rom_image(3, 4, last=False)
+    pcat = _rom_image(0, 2, last=True)
+    assert fw.legacy_rom_image(efi + pcat) == pcat
+    assert fw.legacy_rom_image(pcat + efi) == pcat
+
+
+@pytest.mark.parametrize("data", [b"", bytes(4096), _rom_image(3, 4, last=True), _rom_image(3, 4, last=False),
+                                  _rom_image(0, 8, last=True)[:2048]])
+def test_rom_without_a_usable_x86_image_is_refused(data: bytes) -> None:
+    with pytest.raises(fw.OptionRomError):
+        fw.legacy_rom_image(data)
+
+
+def test_debian_ipxe_virtio_rom_yields_its_legacy_image() -> None:
+    if not os.path.exists(fw.IPXE_VIRTIO_ROM):
+        pytest.skip("Debian's ipxe-qemu is not installed")
+    whole = open(fw.IPXE_VIRTIO_ROM, "rb").read()
+    img = fw.load_option_rom(fw.IPXE_VIRTIO_ROM)
+    assert img[:2] == b"\x55\xaa" and len(img) == img[2] * 512 < len(whole)
+    pcir = int.from_bytes(img[0x18:0x1A], "little")
+    assert img[pcir : pcir + 4] == b"PCIR" and img[pcir + 0x14] == 0
