@@ -50,12 +50,20 @@ class LoadedKernel:
     kernel_end: int
 
 
+_MAGIC_BYTES = struct.pack("<I", MULTIBOOT_MAGIC)
+
+
 def find_header(image: bytes) -> MultibootHeader:
+    """The first 4-aligned header with a valid checksum in the first 8 KiB (multiboot 0.6.96 §3.1.1). Candidates
+    are found with ``bytes.find`` (a DM's startup budget is a few ms; unpacking every word cost ~0.3 ms)."""
     limit = min(len(image), 8192) - 12
-    for off in range(0, max(limit + 1, 0), 4):
-        magic, flags, checksum = struct.unpack_from("<III", image, off)
-        if magic == MULTIBOOT_MAGIC and (magic + flags + checksum) & 0xFFFF_FFFF == 0:
-            return MultibootHeader(off, flags)
+    off = image.find(_MAGIC_BYTES, 0, limit + 4)
+    while 0 <= off <= limit:
+        if off % 4 == 0:
+            magic, flags, checksum = struct.unpack_from("<III", image, off)
+            if (magic + flags + checksum) & 0xFFFF_FFFF == 0:
+                return MultibootHeader(off, flags)
+        off = image.find(_MAGIC_BYTES, off + 1, limit + 4)
     raise NoMultibootHeader("no multiboot header in the first 8 KiB of the image")
 
 

@@ -231,3 +231,12 @@ def test_sdt_rejects_a_bad_signature() -> None:
 def test_checksum_helper() -> None:
     data = b"\x01\x02\x03"
     assert (sum(data) + t.checksum(data)) % 256 == 0
+
+
+def test_build_tables_is_memoized_per_platform_and_its_result_immutable() -> None:
+    a, b = build_tables(AcpiPlatform(vcpus=3)), build_tables(AcpiPlatform(vcpus=3))
+    assert a is b  # the DM zygote builds the common platforms once for every DM it forks
+    assert build_tables(AcpiPlatform(vcpus=2)) != a
+    with pytest.raises(AttributeError):
+        a.blobs = ()  # type: ignore[misc]
+    assert all(isinstance(blob.data, bytes) for blob in a.blobs)

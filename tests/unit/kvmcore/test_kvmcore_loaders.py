@@ -431,3 +431,33 @@ def test_linux_kernel_larger_than_ram_is_too_large() -> None:
         linux.load_linux(m, make_bzimage(kernel=bytes(MIB + 1)))
 
 # A real Debian bzImage is parsed and loaded by tests/integration/test_linux_boot.py (fetched by the fixture).
+
+
+def _find_header_word_by_word(image: bytes) -> int | None:
+    """The multiboot header search as the spec words it (§3.1.1): every 4-aligned slot of the first 8 KiB."""
+    limit = min(len(image), 8192) - 12
+    for off in range(0, max(limit + 1, 0), 4):
+        magic, flags, checksum = struct.unpack_from("<III", image, off)
+        if magic == multiboot.MULTIBOOT_MAGIC and (magic + flags + checksum) & 0xFFFF_FFFF == 0:
+            return off
+    return None
+
+
+def test_multiboot_header_search_agrees_with_the_word_by_word_scan_on_tricky_images() -> None:
+    import random
+
+    rng = random.Random(11)
+    magic = struct.pack("<I", multiboot.MULTIBOOT_MAGIC)
+    for _ in range(400):
+        img = bytearray(rng.randbytes(rng.choice([8, 13, 64, 4096, 8192, 8200, 9000])))
+        for _k in range(rng.randint(0, 4)):  # magics at any alignment, some with a valid checksum
+            off = rng.randrange(0, max(1, len(img) - 12))
+            flags = rng.getrandbits(32)
+            good = (-(multiboot.MULTIBOOT_MAGIC + flags)) & 0xFFFF_FFFF
+            img[off:off + 12] = magic + struct.pack("<II", flags, good if rng.random() < 0.6 else good ^ 1)
+        want = _find_header_word_by_word(bytes(img))
+        if want is None:
+            with pytest.raises(NoMultibootHeader):
+                multiboot.find_header(bytes(img))
+        else:
+            assert multiboot.find_header(bytes(img)).offset == want
