@@ -4,8 +4,21 @@ On this nested host one exit to userspace costs ~25 us of kernel work; the Pytho
 QEMU's C loop ~1 us (bench/exits.py). Most of that Python cost is paid on exits that need no device at all:
 port I/O and MMIO to addresses nobody claims (Linux's port-0x80 I/O delay, firmware and driver probes), which the
 bus answers with all-ones reads and dropped writes. This loop answers those in C, with the same semantics, and
-counts them; every other exit (any claimed address, HLT, shutdown, errors, EINTR kicks) returns to Python, which
-handles it exactly as without this module. The Python path stays the reference: KVMDM_NO_FASTRUN=1 disables this.
+counts them. It also lets two hot devices answer in C (struct kvmdm_accel: their port ranges and shared state):
+
+* the 16550 UART (devices/serial.py decides what C may do, and publishes it after every change it makes):
+  side-effect-free register reads (LSR polling, IIR/IER/LCR/MCR/MSR/SCR when reading changes nothing) and THR
+  writes into a TX ring that Python drains into the sink in order, signalling the THRE edge on the irqfd;
+* config mechanism #1 (devices/pci/root.py): the CONFIG_ADDRESS latch lives here, data-port reads and writes go
+  straight to PciConfiguration's own register arrays except where the device traps a dword (config_traps),
+  absent functions read all-ones.
+
+Every other exit (other claimed addresses, accesses those C halves decline, HLT, shutdown, errors, EINTR kicks)
+returns to Python, which handles it exactly as without this module. Concurrency: each shared device struct holds
+a mutex; the C loop takes it around every access it answers, Python around every access and state change it
+makes, so a vCPU in C never sees a half-published UART state or a half-written config dword, and a Python
+access never sees a half-done C one. The Python devices stay the reference: KVMDM_NO_FASTRUN=1 disables all this,
+and the differential tests (tests/unit/devices/*fastpath*) run the same accesses through both.
 
 The extension is compiled on first use with the system compiler into the cache directory (keyed by the source's
 hash and the interpreter ABI) and loaded at import time — before a device model enters its jail, where there is no
