@@ -51,7 +51,7 @@ from kvmdmd_harness import Daemon, wait_until  # noqa: E402
 from guests.build import build_guest  # noqa: E402
 
 TIMELINE = re.compile(r"startup timeline \(wall clock s\): imported=([\d.]+) jailed=([\d.]+) built=([\d.]+) "
-                      r"running=([\d.]+) modules=(\d+)(?: cpu_ms=([\d.]+))?")
+                      r"running=([\d.]+) modules=(\d+)(?: cpu_ms=([\d.]+))?(?: \(jailed ([\d.]+), built ([\d.]+)\))?")
 WEB_MODULES = ("aiohttp", "multidict", "yarl", "frozenlist", "fastapi", "starlette", "uvicorn")
 TARGET_STARTUP_MS = 20.0  # issue 11 (was 150 with exec'd DMs, issue 3)
 TARGET_DM_CPU_MS = 8.0
@@ -148,6 +148,8 @@ def bench_startup(d: BenchDaemon, runs: int, demo: str) -> dict[str, Any]:
         modules = int(m.group(5))
         rows.append({
             "dm_cpu_ms": float(m.group(6) or "nan"),
+            "dm_cpu_to_jailed_ms": float(m.group(7) or "nan"),
+            "dm_cpu_jailed_to_built_ms": float(m.group(8) or "nan") - float(m.group(7) or "nan"),
             "create_ms": (t_created - t0) * 1e3,
             "create_to_first_byte_ms": (first[0] - t0) * 1e3,
             "create_to_kvm_run_ms": (running - t0) * 1e3,
@@ -420,6 +422,8 @@ def run_mode(mode: str, a: argparse.Namespace, tmp: Path, env: dict[str, str], d
 
 STARTUP_ROWS = (("create_to_kvm_run_ms", "create -> KVM_RUN (DM startup)"),
                 ("dm_cpu_ms", "DM CPU to KVM_RUN (its own, ms)"),
+                ("dm_cpu_to_jailed_ms", "  CPU: start, fds, RAM, jail"),
+                ("dm_cpu_jailed_to_built_ms", "  CPU: build VM"),
                 ("create_to_first_byte_ms", "create -> first serial byte"),
                 ("create_ms", "  POST /v1/guests"),
                 ("spawn_to_imported_ms", "  spawn (+ exec + imports | fork)"),

@@ -264,7 +264,7 @@ class DeviceModel:
         preload_for(d)
         if not a.no_jail:
             self._enter_jail(mem)
-        t_jailed = time.time()
+        t_jailed, cpu_jailed = time.time(), cpu_ms()
         if a.no_jail:
             log.warning("running WITHOUT a jail (--no-jail): development only")
         install_kick_handler()
@@ -277,10 +277,11 @@ class DeviceModel:
                          on_device_alert=lambda text: self._set_state(self.state, text))  # shows in /health
         self.vmm = vmm = built.vmm
         self.vhost_devices = built.vhost_devices
-        t_built = time.time()
+        t_built, cpu_built = time.time(), cpu_ms()
         vmm.start()
         log.info("startup timeline (wall clock s): imported=%.6f jailed=%.6f built=%.6f running=%.6f modules=%d "
-                 "cpu_ms=%.2f", T_IMPORTED, t_jailed, t_built, time.time(), len(sys.modules), cpu_ms())
+                 "cpu_ms=%.2f (jailed %.2f, built %.2f)", T_IMPORTED, t_jailed, t_built, time.time(), len(sys.modules),
+                 cpu_ms(), cpu_jailed, cpu_built)
         self._set_state(DmState.RUNNING, "guest started")
         reason = None
         while reason is None:

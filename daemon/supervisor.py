@@ -4,8 +4,9 @@
 (``link``) — and holds what ties them together: start, stop, kill, pause/resume/reset, exit handling, and the
 re-attach to DMs left running by a previous daemon.
 
-Exit detection is by pidfd (daemon.supervision.pidwatch). If the DM is our child we ``waitpid`` it for the exit
-status. After a daemon restart the DMs are *not* our children (they were re-parented when the old daemon exited),
+Exit detection is by pidfd (daemon.supervision.pidwatch). If the DM is our child (``--dm-spawn exec``) we
+``waitpid`` it for the exit status; a DM forked by the zygote (``--dm-spawn zygote``, the default) is the
+zygote's child, and the zygote reports its status (daemon.supervision.forkserver). After a daemon restart the DMs are *not* our children (they were re-parented when the old daemon exited),
 so their exit status is unavailable (waitpid gives ECHILD); the exit reason is then taken from the last state
 event the DM sent on its control connection, or reported as unknown.
 

@@ -9,6 +9,8 @@ REST API drives.
   implementation for DMs and back-ends;
 * :mod:`.pidwatch` — pidfds: open one for a verified pid, watch it on the event loop, read the exit status;
 * :mod:`.spawn` — the process builder: every fd of the DM's argv contract, jail uids;
+* :mod:`.forkserver` — the DM zygote's daemon end (``--dm-spawn zygote``): fork a pre-imported DM per guest,
+  its pidfd and exit status reported by the zygote, the zygote restarted when it dies;
 * :mod:`.backend_supervisor` — daemon-managed vhost-user back-ends: watch, restart, re-attach, stop;
 * :mod:`.link` — the control client of one guest (connect, typed calls, errors mapped to SupervisorError).
 """
