@@ -578,6 +578,7 @@ class Supervisor:
         """Daemon exit: stop watching, leave DMs running (they are re-attached by the next daemon)."""
         self._closing = True
         if self.forkserver is not None:
+            self.forkserver.detach()
             await asyncio.to_thread(self.forkserver.close)  # DMs keep running; the next daemon starts a new one
         for g in self.guests.values():
             if g.restart_task is not None:

@@ -250,18 +250,26 @@ class ForkServer:
         log.info("DM zygote pid %d ready in %.0f ms", popen.pid, (time.monotonic() - t0) * 1e3)
         return zy
 
+    def detach(self) -> None:
+        """Stop reading the event channels and restarting zygotes (call on the loop thread, before close)."""
+        self._closed = True
+        if self._restart_handle is not None:
+            self._restart_handle.cancel()
+            self._restart_handle = None
+        zy = self.current
+        if self._loop is not None and zy is not None and zy.alive:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(zy.ev)
+        self._loop = None
+
     def close(self) -> None:
-        """Stop the zygote (the DMs it forked keep running; their exit statuses are then unknown)."""
+        """Stop the zygote (the DMs it forked keep running; their exit statuses are then unknown). Blocking; with
+        a loop attached, :meth:`detach` on the loop thread first."""
         with self._lock:
             self._closed = True
-            if self._restart_handle is not None:
-                self._restart_handle.cancel()
             zy, self.current = self.current, None
         if zy is None:
             return
-        if self._loop is not None and zy.alive:
-            with contextlib.suppress(Exception):
-                self._loop.remove_reader(zy.ev)
         zy.close()  # EOF on its request channel: it exits
         try:
             zy.popen.wait(5.0)
@@ -316,6 +324,7 @@ class ForkServer:
             zy.usable = False
             raise ZygoteError(f"the DM zygote answered {m!r} to spawn #{rid}")
         zy.forks += 1
+        os.set_inheritable(got[0], False)  # SCM_RIGHTS installs it without O_CLOEXEC
         return ForkedDm(m.pid, got[0], zy)
 
     # ----------------------------------------------------------------------------------- without a loop
