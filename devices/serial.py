@@ -4,7 +4,8 @@ Modelled on rust-vmm vm-superio ``serial.rs`` and QEMU ``hw/char/serial.c``; reg
 TI/National PC16550D datasheet (sections "Register Descriptions" 8.1-8.9). What this model chooses:
 
 * Transmission is instantaneous: a THR write goes straight to the sink (or, in loopback, to the RX side), so
-  LSR.THRE and LSR.TEMT always read 1 and the THRE interrupt re-arms right after each write.
+  LSR.THRE and LSR.TEMT always read 1 and the THRE interrupt re-arms right after each write. (With a C half,
+  :meth:`Serial.attach_accel`, bytes written in C reach the sink in order through a TX ring, up to ~1 ms later.)
 * The RX FIFO holds 16 bytes with FCR.FE set and 1 byte (the 16450-mode RBR) without. Host input is flow
   controlled: :meth:`Serial.enqueue_input` takes only what fits and says how much, so host input never overruns.
   Overruns (LSR.OE) only happen in loopback, where the guest is both ends of the line.
