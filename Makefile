@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench bench-linux clean
 
 setup:
 	./scripts/setup
@@ -19,6 +19,9 @@ lint: setup
 bench: setup
 	.venv/bin/python -m bench.exits
 	.venv/bin/python -m bench.daemon
+
+bench-linux: setup
+	.venv/bin/python -m bench.linux
 
 clean:
 	rm -rf .venv build .pytest_cache .hypothesis

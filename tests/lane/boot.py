@@ -50,13 +50,14 @@ hostname kvmdm-lane
 echo "LANE-L1-READY $(uname -r) kvm=$(ls /dev/kvm 2>&1) module=$(ls -d /sys/module/kvm_amd 2>&1)" \
   "nested=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null) cpus=$(nproc) mem=$(free -m | awk '/Mem:/{print $2}')M"
 . "$run/env.sh"
-cd "$LANE_CWD" || { echo "LANE-RC=125"; echo o > /proc/sysrq-trigger; sleep 30; }
+# After the power-off request nothing may run from the 9p root (it goes away first): a shell builtin loop waits.
+cd "$LANE_CWD" || { echo "LANE-RC=125"; echo o > /proc/sysrq-trigger; while :; do :; done; }
 setsid bash "$run/cmd.sh" </dev/null 2>&1
 rc=$?
 echo "LANE-RC=$rc"
 sync
 echo o > /proc/sysrq-trigger
-sleep 30
+while :; do :; done
 """
 
 
