@@ -275,6 +275,7 @@ class VirtioPciDevice(PciDevice):
         self.on_needs_reset: Callable[[str], None] | None = None
         self._log = RateLimitedLog(log, per_second=5)
         self._lock = threading.RLock()
+        self._status_before_reset = 0  # what the status register reads while a device's reset is pending
         self._health_lock = threading.Lock()
         self.kick_fds = [_new_eventfd() for _ in sizes]
         self.call_fds = [_new_eventfd() for _ in sizes]
@@ -303,6 +304,8 @@ class VirtioPciDevice(PciDevice):
 
     @property
     def device_status(self) -> int:
+        if self.status == 0 and self._status_before_reset and self.device.reset_pending():
+            return self._status_before_reset  # the reset is not complete: the driver keeps waiting (§4.1.4.3.2)
         return self.status | (STATUS_DEVICE_NEEDS_RESET if self._needs_reset else 0)
 
     def _selected(self) -> _Queue | None:
@@ -605,6 +608,7 @@ class VirtioPciDevice(PciDevice):
     def _reset(self) -> None:
         """§2.4 / §4.1.4.3.1: status 0 resets the device; the register reads 0 once the reset is complete."""
         self.stats.resets += 1
+        self._status_before_reset = self.device_status or STATUS_ACKNOWLEDGE
         with self._health_lock:
             self._epoch += 1
         try:

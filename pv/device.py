@@ -94,3 +94,9 @@ class VirtioDevice(ABC):
     @abstractmethod
     def reset(self) -> None:
         """Driver wrote status 0, or the VM is stopping: stop serving, forget queue state (§2.4)."""
+
+    def reset_pending(self) -> bool:
+        """True while a reset is still being carried out off the vCPU thread (vhost-user: the back-end has not
+        confirmed that its rings stopped). The transport's status register does not read 0 until then, so the
+        driver, which waits for 0 (§4.1.4.3.2), does not reuse the ring memory early."""
+        return False

@@ -36,6 +36,16 @@ external back-end is never re-attached):
 * The guest may have kicked while no back-end listened, and the old back-end may have consumed a kick it never
   acted on: after re-enabling the rings we kick each one ourselves (a spurious notification is allowed, §2.7.10).
 
+Off the vCPU thread: starting the rings (DRIVER_OK) and stopping them (status 0) take a dozen blocking round trips,
+each allowed :data:`REQUEST_TIMEOUT`. They run in order on the device's own control thread, so the vCPU that wrote
+the status register returns at once and one slow back-end stalls no vCPU and no other device. A start does not
+need to be waited for: the guest's first kick waits in its eventfd until the back-end polls it, and a start that
+fails ends in NEEDS_RESET. A stop must be waited for — the driver may reuse the ring memory once reset is done —
+so until the back-end has answered GET_VRING_BASE for every ring, :meth:`VhostUserDevice.reset_pending` is true
+and the transport's status register does not read 0 (virtio 1.2 §4.1.4.3.2: the driver waits for 0). A start
+still queued when the guest resets is dropped. :meth:`reattach` (the daemon's control thread) and the jobs
+take one lock, so the connection sees one conversation at a time.
+
 virtio-net cannot be resumed that way (a transmit in flight would be sent twice, receive buffers may hold
 half-written frames): a net device whose back-end is re-attached while its rings run goes to NEEDS_RESET with
 that reason, and the new connection serves it after the driver resets the device.
@@ -45,10 +55,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import select
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 
 from kvmcore.memory import GuestMemory, GuestMemoryError
@@ -171,6 +183,14 @@ class VhostUserDevice(VirtioDevice):
         self._cond = threading.Condition()
         self._failed = False  # NEEDS_RESET was reported for the current activation
         self.reattaches = 0
+        # Control-plane jobs (start, stop) run in order on one thread (see the module docstring).
+        self._ctl_lock = threading.Lock()  # one conversation on the connection at a time
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._ctl_thread: threading.Thread | None = None
+        self._generation = 0  # bumped by every reset: a start queued before it is dropped
+        self._pending_jobs = 0
+        self._pending_stops = 0
+        self._may_run = False  # a start was queued since the last stop
 
     @staticmethod
     def _handshake(conn: VhostUserConnection) -> tuple[int, int]:
@@ -195,14 +215,72 @@ class VhostUserDevice(VirtioDevice):
             data[: end - offset] = self.config[offset:end]
 
     def activate(self, mem: GuestMemory, queues: list[QueueConfig], health: DeviceHealth) -> None:
-        self._mem, self._health, self._failed = mem, health, False
-        try:
-            self._start(mem, queues)
-        except BackendError as e:
-            log.warning("vhost-user activation failed: %s", e)
-            self._needs_reset(health, f"vhost-user back-end: {e}")
+        """Queue the start of the rings on the control thread and return (the vCPU does not wait). A back-end
+        that has already hung up fails here at once (a non-blocking poll), so the driver sees NEEDS_RESET as
+        soon as it reads the status after DRIVER_OK."""
+        if self._hung_up():
+            self._mem, self._health = mem, health
+            log.warning("vhost-user activation failed: the back-end has hung up")
+            self._needs_reset(health, "vhost-user back-end: back-end closed the connection")
             return
-        self._watch(health)
+        with self._cond:
+            generation = self._generation
+            self._may_run = True
+
+        def start() -> None:
+            with self._cond:
+                if self._generation != generation:
+                    return  # the guest reset the device before its rings were started: nothing to start
+            with self._ctl_lock:
+                self._mem, self._health, self._failed = mem, health, False
+                try:
+                    self._start(mem, queues)
+                except BackendError as e:
+                    log.warning("vhost-user activation failed: %s", e)
+                    self._needs_reset(health, f"vhost-user back-end: {e}")
+                    return
+                self._watch(health)
+
+        self._submit(start)
+
+    def _hung_up(self) -> bool:
+        """The peer closed its end (EOF or error pending). While idle a back-end sends nothing, so readable data
+        would be a protocol error that the start's first reply check reports anyway."""
+        try:
+            p = select.poll()
+            p.register(self.sock.fileno(), select.POLLIN | select.POLLRDHUP)
+            events = p.poll(0)
+        except (OSError, ValueError):
+            return True
+        return any(ev & (select.POLLHUP | select.POLLRDHUP | select.POLLERR | select.POLLNVAL) for _, ev in events)
+
+    def reset_pending(self) -> bool:
+        with self._cond:
+            return self._pending_stops > 0
+
+    def settle(self, timeout: float = 2 * REQUEST_TIMEOUT) -> bool:
+        """Wait until every queued start and stop has run; False on timeout (tests, close)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending_jobs == 0, timeout=timeout)
+
+    def _submit(self, job: Callable[[], None]) -> None:
+        with self._cond:
+            self._pending_jobs += 1
+            if self._ctl_thread is None:
+                self._ctl_thread = threading.Thread(target=self._control_loop, name="vhost-user-ctl", daemon=True)
+                self._ctl_thread.start()
+        self._jobs.put(job)
+
+    def _control_loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except Exception:  # a job has its own error handling; nothing may kill the thread that runs them
+                log.exception("vhost-user control job failed")
+            finally:
+                with self._cond:
+                    self._pending_jobs -= 1
+                    self._cond.notify_all()
 
     def _needs_reset(self, health: DeviceHealth, reason: str) -> None:
         self._failed = True
@@ -213,6 +291,10 @@ class VhostUserDevice(VirtioDevice):
         were resumed on it (see the module docstring for why that is correct for blk), False if there was
         nothing to resume or the device had to go to NEEDS_RESET. Raises BackendError if the new back-end fails
         the handshake or does not offer the features the driver negotiated; the old connection is then kept."""
+        with self._ctl_lock:
+            return self._reattach(sock)
+
+    def _reattach(self, sock: socket.socket) -> bool:
         conn = VhostUserConnection(sock)
         features, proto = self._handshake(conn)
         need = self.acked_features & ~(1 << P.VHOST_USER_F_PROTOCOL_FEATURES)
@@ -331,6 +413,26 @@ class VhostUserDevice(VirtioDevice):
             self._watch_stop = -1
 
     def reset(self) -> None:
+        """Queue the stop of the rings; :meth:`reset_pending` stays true until the back-end confirmed it."""
+        with self._cond:
+            self._generation += 1
+            if not self._may_run and self._pending_jobs == 0:
+                return  # no ring was started since the last stop (a driver's reset at probe): nothing to wait for
+            self._may_run = False
+            self._pending_stops += 1
+
+        def stop() -> None:
+            try:
+                with self._ctl_lock:
+                    self._stop_rings()
+            finally:
+                with self._cond:
+                    self._pending_stops -= 1
+                    self._cond.notify_all()
+
+        self._submit(stop)
+
+    def _stop_rings(self) -> None:
         self._stop_watcher()
         try:
             for q in self._active:
@@ -341,5 +443,12 @@ class VhostUserDevice(VirtioDevice):
         self._active = []
 
     def close(self) -> None:
+        """Stop the rings (waiting for the back-end within its timeouts), end the control thread, hang up."""
         self.reset()
-        self.sock.close()
+        settled = self.settle(timeout=REQUEST_TIMEOUT * (2 + len(self.queue_max_sizes)))
+        if not settled:
+            log.warning("vhost-user close: the back-end did not confirm the stop in time; hanging up anyway")
+        self._jobs.put(None)
+        self.sock.close()  # also ends a request still blocked on a wedged back-end
+        if self._ctl_thread is not None:
+            self._ctl_thread.join(timeout=1)

@@ -96,6 +96,11 @@ class FakeVirtio(VirtioDevice):
     def reset(self) -> None:
         self.resets += 1
 
+    pending = False
+
+    def reset_pending(self) -> bool:
+        return self.pending
+
 
 @dataclass
 class Caps:
@@ -646,6 +651,26 @@ def test_reset_unregisters_everything_and_returns_to_the_initial_state(rig) -> N
     assert drv.driver_features() == 0
     assert readable(vdev.kick_fds[0]) == 0
     drv.bring_up()  # and the driver can start over
+    assert len(fake.activations) == 2
+
+
+def test_status_does_not_read_0_until_a_reset_carried_out_off_the_vcpu_thread_is_done(rig) -> None:  # type: ignore[no-untyped-def]
+    # A vhost-user device stops its rings on its control thread; until the back-end confirms, the driver must
+    # not see the reset complete (it would reuse the ring memory), so status keeps its old value (§4.1.4.3.2).
+    vdev, fake, _plat, drv = rig
+    drv.bring_up()
+    fake.pending = True
+    drv.set_status(0)
+    assert fake.resets == 1
+    assert drv.status() == ADFO  # still resetting: Linux's vp_reset() polls until it reads 0
+    fake.pending = False
+    assert drv.status() == 0
+    fake.pending = True  # a reset of a device that never got past status 0 reads non-zero while pending, too
+    drv.set_status(0)
+    assert drv.status() != 0
+    fake.pending = False
+    assert drv.status() == 0
+    drv.bring_up()
     assert len(fake.activations) == 2
 
 

@@ -77,6 +77,7 @@ def test_a_back_end_dying_during_the_re_attach_still_ends_in_needs_reset(dm_clos
         dev.ack_features(dev.device_features() & (1 << VIRTIO_F_VERSION_1))
         q = MockSplitQueue(mem, 16, kick_fd=kick, call_fd=call)
         dev.activate(mem, [q.config()], health)
+        assert dev.settle()  # the rings start on the device's control thread
         assert health.resets == []
 
         be.shutdown(socket.SHUT_RDWR)  # the back-end crashes: its end of the socket goes away
