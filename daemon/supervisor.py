@@ -325,6 +325,10 @@ class Supervisor:
                 paused = g.last_event is not None and g.last_event.state == "paused"
                 g.set_state(S.PAUSED if paused else S.RUNNING)
             return
+        if g.exited.is_set() and g.generation == gen and g.last_exit_code in (ExitCode.STOPPED, ExitCode.RESET):
+            # The guest ran and powered off (or asked for a reset) before the DM's first ping answer reached us: a
+            # DM forked from the zygote runs a tiny guest to its end in milliseconds. That is a start, not a failure.
+            return
         if not g.exited.is_set():
             g.note("DM did not answer ping in time; killing it")
             await self._kill_and_wait(g, "DM did not come up")

@@ -177,6 +177,24 @@ def test_guest_exit_code_contract_is_reported(daemon: Daemon) -> None:
     assert g["last_exit_code"] == 0 and g["guest_status"] == 7 and g["restarts"] == 0
 
 
+@pytest.mark.parametrize("code", [0, 3])
+def test_a_guest_over_before_its_first_ping_still_started(daemon: Daemon, code: int) -> None:
+    """A DM that powers off (or resets) before the daemon's first ping got through ran its guest: start is a 200."""
+    body = daemon.definition(f"quick{code}", cmdline=f"fake.exit_now={code}", restart="never")
+    daemon.json("POST", "/v1/guests", body, expect=201)
+    daemon.json("POST", f"/v1/guests/quick{code}/start")
+    g = wait_until(lambda: (x := daemon.guest(f"quick{code}"))["state"] == "stopped" and x, 5)
+    assert g["last_exit_code"] == code, g
+
+
+def test_a_dm_that_fails_before_its_first_ping_fails_the_start_422(daemon: Daemon) -> None:
+    daemon.json("POST", "/v1/guests", daemon.definition("broken", cmdline="fake.exit_now=1", restart="never"),
+                expect=201)
+    status, _, body = daemon.request("POST", "/v1/guests/broken/start")
+    assert status == 422 and b"DM error (DM exit 1)" in body, body
+    assert daemon.guest("broken")["state"] in ("stopped", "crashed")
+
+
 def test_corrupt_definition_is_reported_in_health_and_daemon_still_serves(tmp_path: Path) -> None:
     d = Daemon(tmp_path)
     (d.state_dir / "guests").mkdir(parents=True)

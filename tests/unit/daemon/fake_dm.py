@@ -6,6 +6,7 @@ steered from the guest definition's ``cmdline`` with ``fake.*`` words, so a test
 
     fake.exit_after=SECONDS   exit by itself after SECONDS with fake.exit_code (default 0)
     fake.exit_code=N          0 powered off, 3 guest reset, 4 guest crashed, 1 DM error
+    fake.exit_now=N           exit with code N at once, before answering anything (a guest that is over in ms)
     fake.guest_status=N       guest_status reported in the final "stopped" event
     fake.ignore_stop=1        answer "stop" but keep running (the daemon must fall back to SIGKILL)
     fake.hang=1               never answer any request (the daemon's timeouts must fire)
@@ -138,6 +139,10 @@ class FakeDM:
         self.console(f"fake-dm: args=jail:{'off' if a.no_jail else a.jail_root} uid={a.uid} gid={a.gid} "
                      f"kinds={kinds}")
         self.set_state(DmState.RUNNING, "guest started")
+        if "exit_now" in self.opts:
+            self.finish(int(self.opts["exit_now"]), "fake exit before any request")
+            self.server.close()
+            return self.exit_code or 0
         if "exit_after" in self.opts:
             code = int(self.opts.get("exit_code", "0"))
             threading.Timer(float(self.opts["exit_after"]), self.finish, (code, f"fake exit {code}")).start()
