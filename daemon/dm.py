@@ -289,6 +289,7 @@ class DeviceModel:
             self._drain_input()
             reason = vmm.wait(0)
         vmm.stop(reason)
+        built.flush_logs()  # the console log gets the last held lines before the daemon sees the exit
         self.exit_code = ExitCode.for_stop(reason.kind)
         self._set_state(self.exit_code.final_state, reason.message,
                         reason.guest_status if self.exit_code == ExitCode.STOPPED else None)

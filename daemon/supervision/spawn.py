@@ -147,9 +147,14 @@ def spawn_dm(cfg: SupervisorConfig, g: Guest, *, jailed: bool, backend_uid: int 
             os.close(w)
 
         console = paths.console_log(name)
-        if console.exists() and console.stat().st_size > 0:
-            os.replace(console, console.with_name("console.log.1"))
-        con = keep(os.open(console, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o640))
+        if g.rebooting:  # the guest reset itself: its next boot goes on in the same log, from a line start
+            con = keep(os.open(console, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640))
+            if os.pread(con, 1, max(0, os.fstat(con).st_size - 1)) not in (b"", b"\n"):
+                os.write(con, b"\n")
+        else:
+            if console.exists() and console.stat().st_size > 0:
+                os.replace(console, console.with_name("console.log.1"))
+            con = keep(os.open(console, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o640))
         dmlog = keep(os.open(sdir / "dm.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640))
         if os.fstat(dmlog).st_size > 8 << 20:
             os.ftruncate(dmlog, 0)
