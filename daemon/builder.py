@@ -94,11 +94,16 @@ class BuiltVm:
             return
         self.closed = True
         self.vmm.close()
+        self.flush_logs()
+        _close_all(self.vhost_devices, self.owned_fds)
+
+    def flush_logs(self) -> None:
+        """Write out the lines the shared console logs still hold (the second console's, the BIOS debug port's
+        last line): call once the guest has stopped. Idempotent."""
         if self.console_log is not None:
             self.console_log.close()  # what the second console wrote last reaches the log
         if self.firmware_log is not None:
-            self.firmware_log.close()
-        _close_all(self.vhost_devices, self.owned_fds)
+            self.firmware_log.close()  # the BIOS's last debug line, e.g. a boot loader's words before a reset
 
 
 def _close_all(vhost_devices: Sequence[Any], fds: Sequence[int]) -> None:

@@ -14,9 +14,18 @@ also on Ctrl-C, SIGTERM, SIGHUP or an error. Nothing is created on the host befo
 every path in it have been checked. Restart policy and jail settings of a definition do not apply here, and a
 back-end that dies is not restarted (its device goes to NEEDS_RESET, reported on stderr).
 
-Exit status: the guest's isa-debug-exit value (0 = success) or 0 for a plain power-off; 3 guest reset; 4 guest
-crash; 1 host-side error (also a stop by --timeout, Ctrl-A x or a signal); 2 usage, including a definition that
-does not validate or names a file that cannot be used (the message names the file and the field).
+A guest reset (port 0xcf9, the i8042 reset line, the ACPI reset register) reboots the guest in place, as QEMU does
+without ``-no-reboot``: the VM is closed and every host resource of it given back, exactly as when the guest stops,
+then the same definition (already read and checked: the same kernel or BIOS bytes) is prepared and built again and
+boots from the start — a firmware guest through the BIOS, a kernel guest from its entry point. That is also what
+the daemon does for a reset (the DM exits 3 and the supervisor starts a new one), so a guest sees the same machine
+after a reboot under both. The console stays this terminal across boots, and ``--timeout`` bounds the whole run.
+``--no-reboot`` ends the run at the first reset with exit status 3 instead. A triple fault is a crash (exit 4),
+not a reboot (QEMU would reboot): a guest that faults its way into a reset loop is reported, not restarted.
+
+Exit status: the guest's isa-debug-exit value (0 = success) or 0 for a plain power-off; 3 guest reset with
+--no-reboot; 4 guest crash; 1 host-side error (also a stop by --timeout, Ctrl-A x or a signal); 2 usage, including a
+definition that does not validate or names a file that cannot be used (the message names the file and the field).
 Ctrl-A x quits (as in QEMU) when the console is a terminal.
 """
 
@@ -59,7 +68,7 @@ from kvmcore.vcpu_loop import StopReason
 
 if TYPE_CHECKING:
     from daemon import backends as bk
-    from daemon.builder import GuestResources
+    from daemon.builder import BuiltVm, GuestResources
     from daemon.vmm import Vmm
 
 # The DM's exit codes (daemon.messages), which `kvmdm run` shares.
@@ -116,8 +125,11 @@ class Interrupted(Exception):
 class _FdSink:
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.mid_line = False  # the last byte written is not a newline
 
     def write(self, data: bytes) -> None:
+        if data:
+            self.mid_line = not data.endswith(b"\n")
         view = memoryview(data)
         while view:
             try:
@@ -179,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="With a DEFINITION, --mem, --vcpus, --cmdline and --initrd override the file's memory_mib, vcpus, "
                "cmdline and initrd (--mem in whole MiB); everything else comes from the file. Disks and nics are "
                "prepared here (nics need root) and removed when the guest stops. Exit status: the guest's "
-               "isa-debug-exit value, 3 reset, 4 crash, 1 host error, 2 usage or bad definition.")
+               "isa-debug-exit value, 3 reset (with --no-reboot), 4 crash, 1 host error, 2 usage or bad definition. "
+               "A guest reset reboots the guest in place unless --no-reboot is given.")
     p.add_argument("definition", nargs="?", metavar="DEFINITION",
                    help="guest definition FILE.json or FILE.toml (the schema of `kvmdm create`)")
     src = p.add_mutually_exclusive_group()
@@ -193,7 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem", type=parse_size, help="guest RAM (default 128M; overrides the definition's)")
     p.add_argument("--vcpus", type=int, choices=range(1, 33), metavar="N",
                    help="vCPUs, 1-32 (default 1; overrides the definition's)")
-    p.add_argument("--timeout", type=float, default=0, help="stop the guest after this many seconds")
+    p.add_argument("--timeout", type=float, default=0,
+                   help="stop the guest after this many seconds (of the whole run, reboots included)")
+    p.add_argument("--no-reboot", action="store_true",
+                   help="exit with status 3 when the guest resets, instead of rebooting it (QEMU's -no-reboot)")
     p.add_argument("--stats", action="store_true", help="print exit counts when the guest stops")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -579,32 +595,39 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, signals: Signals) -> int:
-    from daemon.builder import build_vm  # after arg parsing: fast --help
     from daemon.vmm import KernelFormatError
 
     host: ForegroundResources | None = None
-    built = None
+    built: BuiltVm | None = None
     try:
         with signals.deferred():
             d, mem_size = load_definition(args)
             kernel, initrd = read_kernel(d, source=args.definition)
             nic_rom = read_nic_rom(d, source=args.definition)
-            host = ForegroundResources(d, signals=signals, source=args.definition)
-            host.preflight()
-        sink = _FdSink(sys.stdout.fileno())
-        with signals.deferred():  # held from the first resource until the VM owns them all
-            res = host.acquire(kernel, initrd)
-            res.nic_rom = nic_rom
-            built = build_vm(d, res, serial_sink=sink, mem_size=mem_size,
-                             on_device_alert=lambda text: print(f"kvmdm: {text}", file=sys.stderr))
-        vmm = built.vmm
-        signals.running = True
-        vmm.start()
-        reason = _console_loop(vmm, args.timeout, signals)
-        vmm.stop(reason)
-        if args.stats:
-            counts = ", ".join(f"{k}={v}" for k, v in sorted(vmm.exit_counts().items()))
-            print(f"kvmdm: exits: {counts}", file=sys.stderr)
+        sink: _FdSink | None = None
+        deadline = time.monotonic() + args.timeout if args.timeout > 0 else None
+        boot = 1
+        while True:
+            with signals.deferred():
+                host = ForegroundResources(d, signals=signals, source=args.definition)
+                host.preflight()
+            sink = sink or _FdSink(sys.stdout.fileno())  # one console for every boot
+            built = _build(d, host, kernel, initrd, nic_rom, sink, mem_size, signals)
+            reason = _boot(built.vmm, args, signals, deadline)
+            if reason.kind != "reset" or args.no_reboot:
+                break
+            # Reboot in place: give everything back as at a stop, then prepare and build the same guest again.
+            print(f"kvmdm: {reason.message}; rebooting (boot {boot + 1})", file=sys.stderr)
+            signals.running = True  # held: a signal now stops the run after this cleanup (Interrupted below)
+            try:
+                _release(built, host)
+            finally:
+                built = host = None
+                signals.running = False
+            if sink.mid_line:
+                sink.write(b"\n")  # the next boot's output starts a line (the BIOS banner, as in the daemon's log)
+            signals.check()
+            boot += 1
         if reason.kind != "poweroff" or args.verbose:
             print(f"kvmdm: {reason.message}", file=sys.stderr)
         return stop_exit_code(reason)
@@ -621,20 +644,52 @@ def _run(args: argparse.Namespace, signals: Signals) -> int:
     finally:
         # Signals stay held through the cleanup: a second Ctrl-C must not leave a tap or a back-end behind.
         signals.running = True
-        try:
-            if built is not None:
-                built.close()
-        finally:
-            if host is not None:
-                host.close()
+        _release(built, host)
 
 
-def _console_loop(vmm: Vmm, timeout: float, signals: Signals | None = None) -> StopReason:
-    """Forward stdin to the UART until the guest stops; Ctrl-A x quits when stdin is a terminal."""
+def _build(d: GuestDefinition, host: ForegroundResources, kernel: bytes, initrd: bytes | None,
+           nic_rom: bytes | None, sink: _FdSink, mem_size: int | None, signals: Signals) -> BuiltVm:
+    """One boot's VM: the host resources acquired and the VM built, signals held from the first resource until
+    the VM owns them all."""
+    from daemon.builder import build_vm  # after arg parsing: fast --help
+
+    with signals.deferred():
+        res = host.acquire(kernel, initrd)
+        res.nic_rom = nic_rom
+        return build_vm(d, res, serial_sink=sink, mem_size=mem_size,
+                        on_device_alert=lambda text: print(f"kvmdm: {text}", file=sys.stderr))
+
+
+def _boot(vmm: Vmm, args: argparse.Namespace, signals: Signals, deadline: float | None) -> StopReason:
+    """Run the built guest until it stops: power-off, reset, crash, or a stop by the host."""
+    signals.running = True
+    vmm.start()
+    reason = _console_loop(vmm, args.timeout, signals, deadline=deadline)
+    vmm.stop(reason)
+    if args.stats:
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(vmm.exit_counts().items()))
+        print(f"kvmdm: exits: {counts}", file=sys.stderr)
+    return reason
+
+
+def _release(built: BuiltVm | None, host: ForegroundResources | None) -> None:
+    try:
+        if built is not None:
+            built.close()
+    finally:
+        if host is not None:
+            host.close()
+
+
+def _console_loop(vmm: Vmm, timeout: float, signals: Signals | None = None, *,
+                  deadline: float | None = None) -> StopReason:
+    """Forward stdin to the UART until the guest stops; Ctrl-A x quits when stdin is a terminal. ``deadline``
+    (monotonic) is when ``timeout`` runs out; without it the timeout starts now."""
     fd = sys.stdin.fileno() if sys.stdin and not sys.stdin.closed else -1
     is_tty = fd >= 0 and os.isatty(fd)
     saved = termios.tcgetattr(fd) if is_tty else None
-    deadline = time.monotonic() + timeout if timeout > 0 else None
+    if deadline is None and timeout > 0:
+        deadline = time.monotonic() + timeout
     pending = b""
     escape = False
     stopped_by: Callable[[], StopReason | None] = lambda: (  # noqa: E731

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from daemon import backends as bk
 from daemon.config import GuestDefinition
 from daemon.control import ControlClient, StateEvent
+from daemon.messages import ExitCode
 
 if TYPE_CHECKING:
     from daemon.supervision.forkserver import ForkedDm
@@ -119,6 +120,14 @@ class Guest:
     @property
     def live(self) -> bool:
         return self._state in LIVE_STATES
+
+    @property
+    def rebooting(self) -> bool:
+        """Restarting because the guest was reset (by itself, or by POST .../reset: its DM exited 3): the next DM
+        boots the same machine again, and its console output continues the same console log, as a QEMU guest's
+        serial log does across a reboot; any other start begins a new log (the previous one kept as
+        console.log.1)."""
+        return self._state == GuestState.RESTARTING and self.last_exit_code == ExitCode.RESET
 
     def uptime(self) -> float | None:
         if self.started_at is None or not self.live:

@@ -110,9 +110,10 @@ def test_reboot_in_the_guest_resets_it_and_the_second_boot_powers_off(
     daemon.start_guest("rb")
     out = wait_until(lambda: (g := daemon.guest("rb"))["state"] in ("stopped", "crashed", "failed")
                      and g["restarts"] >= 1 and g, BOOT_LIMIT * 2, 0.5)
+    # Both boots in one console log: a reset reboots the same machine and its log goes on (issue 10).
     console = daemon.console("rb").decode(errors="replace")
-    first = (daemon.state_dir / "guests" / "rb" / "console.log.1").read_text(errors="replace")
-    assert guest.checks(first).get("boot") == "first", first[-3000:]
-    assert guest.checks(console).get("boot") == "second", console[-3000:]
+    _first, marked, second = console.partition("CHK boot=first")
+    assert marked and guest.checks(second).get("boot") == "second", console[-3000:]
+    assert not (daemon.state_dir / "guests" / "rb" / "console.log.1").exists()
     assert out["restarts"] == 1 and out["state"] == "stopped" and out["last_exit_code"] == 0, out
     assert img.read_bytes()[:8] == b"REBOOTED"
