@@ -4,7 +4,10 @@
   devices.pam state machine behind the i440FX PAM registers, and the MMIO sink that takes writes to read-only
   shadow regions;
 * ports: QEMU's fw_cfg (0x510/0x511, DMA at 0x514) with kvmdm's PC items (devices.fw_cfg.pc_fw_cfg) and the
-  debug console at 0x402 (devices.debugcon), whose output joins the console log.
+  debug console at 0x402 (devices.debugcon), whose output joins the console log;
+* the end of a boot that found nothing: SeaBIOS says "No bootable device." on the debug port, waits
+  BOOT_FAIL_WAIT_MS and resets; :attr:`FirmwareBoot.boot_failed` makes daemon.vmm.Vmm end the guest there with a
+  "no bootable device" crash instead of rebooting it into the same failure forever.
 
 Created in ``Vmm.attach_memory`` (memory), completed in ``Vmm.finish`` (ports: the boot order needs the PCI
 slots of the devices attached in between).
@@ -42,6 +45,12 @@ from kvmcore.loader.e820 import firmware_e820_map
 from kvmcore.memory import GuestMemory
 
 BOOT_KINDS = ("disk", "net")
+# etc/boot-fail-wait: how long SeaBIOS shows "No bootable device.  Retrying in N seconds." before it resets to
+# retry (its own default 60 s; QEMU's default -1 never retries). The reset that follows ends the guest as a boot
+# failure (FirmwareBoot.boot_failed): retrying is the daemon's restart policy's job, with its limits and backoff.
+BOOT_FAIL_WAIT_MS = 5000
+# SeaBIOS src/boot.c boot_fail(): its words once every entry of the boot order failed, on the debug port too.
+BOOT_FAILURE_LINE = b"No bootable device."
 
 
 class FirmwareBoot:
@@ -56,6 +65,7 @@ class FirmwareBoot:
         self.fw_cfg: FwCfg | None = None
         self.debugcon: Debugcon | None = None
         self.bootorder: list[str] = []
+        self.boot_failed = False  # the BIOS said it found nothing to boot: its next reset is a failure, not a reboot
 
     def _apply(self, region: PamRegion, backing: Backing) -> None:
         self.memory.apply(region.gpa, region.size, backing.source is Source.ROM, backing.writable)
@@ -74,13 +84,18 @@ class FirmwareBoot:
             paths.append(virtio_blk_boot_path(slot) if kind == "disk" else virtio_net_boot_path(slot))
         self.bootorder = paths
         fw = pc_fw_cfg(self.mem, vcpus=vcpus, e820=firmware_e820_map(self.mem), acpi_files=self.acpi_files,
-                       bootorder=paths, option_roms=option_roms, pci_roms=pci_roms)
+                       bootorder=paths, boot_fail_wait_ms=BOOT_FAIL_WAIT_MS, option_roms=option_roms,
+                       pci_roms=pci_roms)
         pio.insert(fw.io, IO_PORT, IO_LENGTH)
         pio.insert(fw.dma, DMA_PORT, DMA_LENGTH)
         self.fw_cfg = fw
-        self.debugcon = Debugcon(log_sink)
+        self.debugcon = Debugcon(log_sink, on_line=self._bios_line)
         pio.insert(self.debugcon, SEABIOS_DEBUG_PORT, 1)
         return fw
+
+    def _bios_line(self, line: bytes) -> None:
+        if line.startswith(BOOT_FAILURE_LINE):
+            self.boot_failed = True
 
     def close(self) -> None:
         self.memory.close()

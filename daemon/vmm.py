@@ -262,8 +262,7 @@ class Vmm:
             self.serial.attach_accel(fastrun.UartAccel(irq.fd, notify))
             self._tx_pump = _TxPump(self.serial, self.device_lock, notify)
         self.pio.insert(self.serial, COM1_PORT, 8)
-        self.pio.insert(I8042(on_reset=lambda: self.state.request_stop(
-            StopReason("reset", "guest requested reset (i8042)"))), I8042_PORT, 5)
+        self.pio.insert(I8042(on_reset=lambda: self._guest_reset("i8042")), I8042_PORT, 5)
         rtc = Rtc()
         below = min(self.cfg.mem_size, layout.LOW_RAM_END)
         rtc.set_memory_size(below, self.cfg.mem_size - below, self.cfg.vcpus)
@@ -281,8 +280,18 @@ class Vmm:
         self.pci_root = PciRoot(self.firmware.host_bridge() if self.firmware is not None else None)
         if fastrun.AVAILABLE:  # config mechanism #1 answered in C where no device traps it (devices/pci/root.py)
             self.pci_root.attach_accel(fastrun.PciConfigAccel())
-        self.pio.insert(PciConfigIo(self.pci_root, on_reset=lambda: self.state.request_stop(
-            StopReason("reset", "guest requested reset (port 0xcf9)"))), PCI_CONFIG_PORT, 8)
+        self.pio.insert(PciConfigIo(self.pci_root, on_reset=lambda: self._guest_reset("port 0xcf9")),
+                        PCI_CONFIG_PORT, 8)
+
+    def _guest_reset(self, source: str) -> None:
+        """A reset the guest asked for: a reboot, unless the BIOS asks for it because nothing in the boot order
+        booted (daemon.firmware_boot.BOOT_FAILURE_LINE): then the guest ends as a crash with that reason, and
+        whether to try again is the restart policy's call (``kvmdm run`` exits 4)."""
+        if self.firmware is not None and self.firmware.boot_failed:
+            self.state.request_stop(StopReason("crash", f"no bootable device: the BIOS found nothing to boot in "
+                                                        f"the boot order and reset ({source})"))
+            return
+        self.state.request_stop(StopReason("reset", f"guest requested reset ({source})"))
 
     def acpi_platform(self) -> AcpiPlatform:
         """What the ACPI tables describe: this VM's vCPUs on kvmdm's fixed platform (kvmcore.layout). No 64-bit

@@ -29,15 +29,40 @@ def daemon(tmp_path: Path) -> Iterator[RealDaemon]:
 
 
 def test_seabios_runs_in_the_jailed_dm_and_writes_the_console_log(daemon: RealDaemon) -> None:
-    daemon.json("POST", "/v1/guests", {"name": "fwd", "firmware": "seabios", "memory_mib": 64}, expect=201)
+    daemon.json("POST", "/v1/guests", {"name": "fwd", "firmware": "seabios", "memory_mib": 64, "restart": "never"},
+                expect=201)
     assert daemon.guest("fwd")["definition"]["firmware"] == "seabios"
     daemon.json("POST", "/v1/guests/fwd/start")
     wait_until(lambda: b"No bootable device" in daemon.console("fwd"), 60)
     log = daemon.console("fwd")
     assert b"SeaBIOS (version" in log  # COM1, through SeaBIOS's serial console
     assert b"[bios] Found QEMU fw_cfg" in log and b"[bios] QEMU fw_cfg DMA interface supported" in log
-    assert daemon.guest("fwd")["state"] == "running"
+    assert daemon.guest("fwd")["state"] == "running"  # SeaBIOS waits before it resets to retry
     daemon.json("POST", "/v1/guests/fwd/stop")
+
+
+@pytest.mark.parametrize("disks, boot_order", [
+    ([], []),  # no disk at all: SeaBIOS's default list (floppy, ...) has nothing
+    ([{"blank": True}], ["disk0"]),  # the whole boot order is a disk without a boot sector
+])
+def test_nothing_bootable_gives_the_bios_message_then_the_dm_exits_with_the_reason(
+        daemon: RealDaemon, tmp_path: Path, disks: list[dict[str, bool]], boot_order: list[str]) -> None:
+    blank = tmp_path / "blank.raw"
+    with open(blank, "wb") as f:
+        f.truncate(8 << 20)
+    doc = {"name": "fwnone", "firmware": "seabios", "memory_mib": 64, "restart": "never",
+           "disks": [{"path": str(blank)} for _ in disks], "boot_order": boot_order}
+    daemon.json("POST", "/v1/guests", doc, expect=201)
+    daemon.json("POST", "/v1/guests/fwnone/start")
+    g = wait_until(lambda: (x := daemon.guest("fwnone"))["state"] in ("stopped", "crashed", "failed") and x, 60, 0.2)
+    log = daemon.console("fwnone")
+    assert b"No bootable device.  Retrying in 5 seconds." in log  # the BIOS's own message, on COM1
+    if disks:
+        assert b"Boot failed: not a bootable disk" in log
+    assert g["state"] == "crashed" and g["last_exit_code"] == 4 and g["restarts"] == 0, g
+    assert "no bootable device" in g["last_event"], g  # /health says why
+    assert "no bootable device" in daemon.health_of("fwnone")["last_event"]
+    assert blank.read_bytes() == bytes(8 << 20)  # the BIOS read it, nothing wrote it
 
 
 def test_a_non_bios_firmware_file_is_refused_at_create(daemon: RealDaemon, tmp_path: Path) -> None:
