@@ -123,8 +123,8 @@ def preload_for(d: GuestDefinition) -> None:
         import pv.blk  # noqa: F401
     if d.rng:
         import pv.rng  # noqa: F401
-    if d.console2:
-        import pv.console  # noqa: F401
+    if d.console2 or d.firmware is not None:
+        import pv.console  # noqa: F401 - a firmware guest's BIOS debug port shares the console log through it
     if d.nics:
         import pv.net  # noqa: F401
     if needs_shared_memory(d):

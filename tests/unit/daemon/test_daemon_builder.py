@@ -279,6 +279,14 @@ def test_preload_imports_exactly_the_device_modules_a_definition_needs(monkeypat
     assert all(m in sys.modules for m in mods)
 
 
+def test_preload_of_a_firmware_guest_imports_the_shared_console_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    # build_vm joins the BIOS debug port to the console log with pv.console.SharedConsoleLog, after the jail: an
+    # exec'd firmware DM died with "No module named 'pv.console'" (issue 10).
+    monkeypatch.delitem(sys.modules, "pv.console", raising=False)
+    builder.preload_for(parse_definition({"name": "fw", "firmware": "seabios"}, check_paths=False))
+    assert "pv.console" in sys.modules
+
+
 def test_the_dm_builds_through_the_builder_and_keeps_no_attach_logic_of_its_own() -> None:
     import daemon.dm as dm
 
