@@ -107,9 +107,20 @@ def test_kvmdm_run_no_reboot_exits_3_at_the_first_reset(tmp_path: Path) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- kvmdmd
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[RealDaemon]:
-    d = RealDaemon(tmp_path).start()
+class SpawnDaemon(RealDaemon):
+    """kvmdmd starting its DMs one way: forked from the zygote (the default) or exec'd (``--dm-spawn exec``)."""
+
+    mode = "zygote"
+
+    def argv(self) -> list[str]:
+        return [*super().argv(), "--dm-spawn", self.mode]
+
+
+@pytest.fixture(params=["zygote", "exec"])
+def daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RealDaemon]:
+    d = SpawnDaemon(tmp_path)
+    d.mode = request.param
+    d.start()
     yield d
     d.cleanup()
 
