@@ -391,3 +391,67 @@ def test_a_back_end_that_ignores_sigterm_is_killed() -> None:
     host.close()
     assert popen.returncode == -signal.SIGKILL
     assert time.monotonic() - t < runner.BACKEND_STOP_TIMEOUT + 3
+
+
+# ------------------------------------------------------------------------------------------ reboot (issue 10)
+class _FakeBuilt:
+    def __init__(self, log: list[str], n: int) -> None:
+        self.log, self.n = log, n
+        self.vmm = SimpleNamespace(n=n)
+
+    def close(self) -> None:
+        self.log.append(f"close {self.n}")
+
+
+def _fake_boots(monkeypatch: pytest.MonkeyPatch, reasons: list[runner.StopReason]) -> list[str]:
+    """runner._run with the VM faked: each build is logged, each boot stops with the next of ``reasons``."""
+    log: list[str] = []
+    builds = iter(range(1, 100))
+    monkeypatch.setattr(runner, "_build", lambda d, host, *a: (log.append(f"build {(n := next(builds))}"),
+                                                              _FakeBuilt(log, n))[1])
+
+    def boot(vmm: Any, args: Any, signals: Signals, deadline: float | None) -> runner.StopReason:
+        log.append(f"boot {vmm.n} deadline={deadline is not None}")
+        return reasons.pop(0)
+
+    monkeypatch.setattr(runner, "_boot", boot)
+    real_close = ForegroundResources.close
+    monkeypatch.setattr(ForegroundResources, "close", lambda self: (log.append("host close"), real_close(self))[1])
+    monkeypatch.setattr(runner, "_FdSink", lambda fd: SimpleNamespace(mid_line=False, write=lambda b: None))
+    monkeypatch.setattr(sys, "stdout", SimpleNamespace(fileno=lambda: -1, write=lambda t: len(t), flush=lambda: None))
+    return log
+
+
+RESET = runner.StopReason("reset", "guest requested reset (port 0xcf9)")
+S5 = runner.StopReason("poweroff", "guest powered off (ACPI S5)")
+
+
+def test_a_reset_rebuilds_the_same_guest_with_fresh_resources_until_it_powers_off(
+        files: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    log = _fake_boots(monkeypatch, [RESET, RESET, S5])
+    p = _write(files, {"name": "g", "kernel": str(files / "k.elf"), "disks": [{"path": str(files / "disk.raw")}]})
+    assert runner.main([str(p), "--timeout", "30"]) == runner.EXIT_OK
+    # Everything of boot N is given back before boot N+1 is built; one deadline for the whole run.
+    assert log == ["build 1", "boot 1 deadline=True", "close 1", "host close",
+                   "build 2", "boot 2 deadline=True", "close 2", "host close",
+                   "build 3", "boot 3 deadline=True", "close 3", "host close"]
+    err = capsys.readouterr().err
+    assert "rebooting (boot 2)" in err and "rebooting (boot 3)" in err
+
+
+def test_no_reboot_exits_3_at_the_first_reset(files: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    log = _fake_boots(monkeypatch, [RESET, S5])
+    p = _write(files, {"name": "g", "kernel": str(files / "k.elf")})
+    assert runner.main([str(p), "--no-reboot"]) == runner.EXIT_RESET == 3
+    assert log == ["build 1", "boot 1 deadline=False", "close 1", "host close"]
+    assert "guest requested reset (port 0xcf9)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind, code", [("crash", runner.EXIT_CRASH), ("host", runner.EXIT_ERROR)])
+def test_a_crash_or_a_host_stop_is_never_a_reboot(files: Path, monkeypatch: pytest.MonkeyPatch, kind: str,
+                                                 code: int) -> None:
+    log = _fake_boots(monkeypatch, [runner.StopReason(kind, "x"), S5])
+    p = _write(files, {"name": "g", "kernel": str(files / "k.elf")})
+    assert runner.main([str(p)]) == code
+    assert log == ["build 1", "boot 1 deadline=False", "close 1", "host close"]
