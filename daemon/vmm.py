@@ -201,6 +201,7 @@ class Vmm:
     def __init__(self, cfg: MachineConfig, *, kvm: Kvm | None = None, serial_sink: SerialSink | None = None,
                  mem: GuestMemory | None = None) -> None:
         self.cfg = cfg
+        self._owns_kvm = kvm is None  # a /dev/kvm fd we opened is ours to close (kvmdm run builds one VM per boot)
         self.kvm = kvm or Kvm()
         self.vm = self.kvm.create_vm()
         self.mem: GuestMemory | None = mem  # pre-created by a caller that must allocate before its jail
@@ -457,6 +458,8 @@ class Vmm:
         for dev in self.virtio_devices:
             dev.close()
         self.vm.close()
+        if self._owns_kvm:
+            self.kvm.close()
         if self.firmware is not None:
             self.firmware.close()
         if self.mem is not None:

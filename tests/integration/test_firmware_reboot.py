@@ -106,6 +106,31 @@ def test_kvmdm_run_no_reboot_exits_3_at_the_first_reset(tmp_path: Path) -> None:
     assert_only_the_counter_changed(before, image.read_bytes(), 1)
 
 
+def test_kvmdm_run_reboots_a_kernel_guest_too_and_leaks_nothing_per_boot(tmp_path: Path) -> None:
+    # tests/guests/reset.S resets through the i8042 at once, every boot: kvmdm run reloads the kernel and boots it
+    # again, hundreds of times, until --timeout. Each boot's VM is closed: /dev/kvm (it leaked one fd per VM),
+    # the VM, vCPU and eventfd fds, guest RAM, threads.
+    from guests.build import build_guest
+
+    elf = build_guest(Path(__file__).resolve().parents[1] / "guests" / "reset.S")
+    err = tmp_path / "err.txt"
+    with open(err, "wb") as errf:
+        p = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--kernel", str(elf), "--timeout", "6"],
+                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=errf)
+    try:
+        samples = []
+        for _ in range(2):
+            time.sleep(2.0)
+            samples.append((len(os.listdir(f"/proc/{p.pid}/fd")), err.read_bytes().count(b"rebooting")))
+    finally:
+        rc = p.wait(30)
+    (fds1, boots1), (fds2, boots2) = samples
+    assert boots2 - boots1 > 10, samples  # it keeps rebooting
+    assert fds2 <= fds1 + 4, samples  # a few fds of the boot under way, never one per boot
+    assert rc == 1 and b"stopped after --timeout 6 s" in err.read_bytes()
+
+
 # -------------------------------------------------------------------------------------------------- kvmdmd
 class SpawnDaemon(RealDaemon):
     """kvmdmd starting its DMs one way: forked from the zygote (the default) or exec'd (``--dm-spawn exec``)."""
