@@ -85,10 +85,11 @@ def assert_only_the_counter_changed(before: bytes, after: bytes, count: int) -> 
 
 
 # ----------------------------------------------------------------------------------------------- kvmdm run
-def test_kvmdm_run_reboots_the_guest_in_place_through_seabios(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["inline", "vhost-user"])  # vhost-user: a kvmdm-backend started per boot
+def test_kvmdm_run_reboots_the_guest_in_place_through_seabios(tmp_path: Path, backend: str) -> None:
     image, before = _disk(tmp_path)
-    p, elapsed = kvmdm_run(tmp_path, _definition(tmp_path, "rbrun", {"path": str(image)}))
-    print(f"kvmdm run, two boots: {elapsed:.2f} s")
+    p, elapsed = kvmdm_run(tmp_path, _definition(tmp_path, "rbrun", {"path": str(image), "backend": backend}))
+    print(f"kvmdm run ({backend}), two boots: {elapsed:.2f} s")
     assert p.returncode == 0, p.stderr[-2000:]  # the second boot's ACPI S5: a plain power-off
     assert_two_boots(p.stdout)
     assert b"guest requested reset (port 0xcf9); rebooting (boot 2)" in p.stderr
@@ -151,10 +152,12 @@ def daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RealDaemo
 
 
 @pytest.mark.root
-def test_kvmdmd_restarts_the_reset_guest_through_seabios_in_one_console_log(daemon: RealDaemon,
-                                                                              tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["inline", "vhost-user"])  # vhost-user: the daemon's jailed kvmdm-backend
+def test_kvmdmd_restarts_the_reset_guest_through_seabios_in_one_console_log(daemon: RealDaemon, tmp_path: Path,
+                                                                              backend: str) -> None:
     image, before = _disk(tmp_path)
-    daemon.json("POST", "/v1/guests", _definition(tmp_path, "rbd", {"path": str(image)}), expect=201)
+    daemon.json("POST", "/v1/guests", _definition(tmp_path, "rbd", {"path": str(image), "backend": backend}),
+                expect=201)
     t0 = time.monotonic()
     daemon.json("POST", "/v1/guests/rbd/start")
     g = wait_until(lambda: (x := daemon.guest("rbd"))["state"] in ("stopped", "crashed", "failed")
