@@ -46,7 +46,9 @@ The order of :func:`enter_jail`, and why each step sits where it does:
     ``enter_jail`` forks once, *after* the process is unprivileged: the child is pid 1 of the new namespace
     and is the one that returns from ``enter_jail`` and runs the DM; the original process becomes the
     *keeper*: it closes every fd, loads a tiny seccomp filter (wait4 on its child, kill of its child or itself,
-    signal calls, exit) and then only forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2 to the DM and
+    signal calls, exit, and one execveat of its own program), execs daemon/keeper.c's build (daemon.keeper: a
+    few KiB with no libc, opened in step 0, so that no copy of the interpreter stays behind for the guest's
+    lifetime; without it the Python code in ``_keeper`` does the same) and then only forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2 to the DM and
     exits with the DM's status, re-raising the DM's fatal signal on itself so the daemon's ``waitpid`` on the
     pid it spawned sees exactly how the DM died (e.g. SIGSYS for a seccomp kill). The DM sets
     PR_SET_PDEATHSIG=SIGKILL so that SIGKILL of the keeper takes the DM down too (the kernel delivers it even
@@ -86,7 +88,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import _jailsys as sys_
-from daemon import seccomp_policy
+from daemon import keeper, seccomp_policy
 
 log = logging.getLogger("kvmdm.jail")
 
@@ -94,7 +96,7 @@ _UID_MAX = 0xFFFFFFFE  # (uid_t)-1 means "unchanged" to setresuid and can never 
 FORWARDED_SIGNALS: frozenset[int] = frozenset({
     signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
 })
-_KEEPER_WAITS = FORWARDED_SIGNALS | {signal.SIGCHLD}
+KEEPER_WAITS = FORWARDED_SIGNALS | {signal.SIGCHLD}
 _SECUREBITS = (
     sys_.SECBIT_NOROOT | sys_.SECBIT_NOROOT_LOCKED | sys_.SECBIT_NO_SETUID_FIXUP_LOCKED
     | sys_.SECBIT_KEEP_CAPS_LOCKED | sys_.SECBIT_NO_CAP_AMBIENT_RAISE | sys_.SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED
@@ -328,21 +330,39 @@ def _drop_privileges(cfg: JailConfig, cap_last_cap: int) -> None:
         raise JailSetupError("privileges", errno.EPERM, "setuid(0) succeeded after the drop")
 
 
-def _keeper(child: int, death_w: int, locked_w: int) -> None:
-    """The pid-namespace keeper's whole life (see module docstring, step 10). Never returns."""
+def _keeper(child: int, death_w: int, locked_w: int, program: int | None, argv: list[bytes]) -> None:
+    """The pid-namespace keeper's whole life (see module docstring, step 10). Never returns.
+
+    With ``program`` (an fd of daemon/keeper.c's build, daemon.keeper) it execs that once its filter is loaded,
+    so that no copy of the interpreter stays behind for the guest's lifetime; otherwise, or if the exec fails,
+    this function is the keeper."""
     status = 1
     try:
-        low, high = sorted((death_w, locked_w))
-        os.closerange(0, low)
-        os.closerange(low + 1, high)
-        os.closerange(high + 1, 1 << 20)
+        keep = sorted({death_w, locked_w} | ({program} if program is not None else set()))
+        prev = -1
+        for fd in keep:
+            os.closerange(prev + 1, fd)
+            prev = fd
+        os.closerange(prev + 1, 1 << 20)
+        if program is not None:
+            # Both pipe ends live on in the program: the DM reads EOF on "locked" when the program closes it,
+            # and on "death" only when the keeper is gone.
+            os.set_inheritable(death_w, True)
+            os.set_inheritable(locked_w, True)
         me = os.getpid()
         seccomp_policy.build_filter(
-            seccomp_policy.policy_for("keeper"), {"child_pid": child, "self_tgid": me}
+            seccomp_policy.policy_for("keeper"),
+            {"child_pid": child, "self_tgid": me,
+             "keeper_exec_fd": seccomp_policy.NO_FD if program is None else program},
         ).load()
+        if program is not None:
+            try:
+                os.execve(program, argv, {keeper.ENV_KEY: f"{child}:{locked_w}"})
+            except OSError:
+                pass  # the filter is loaded and the pipes are open: go on as the Python keeper
         os.close(locked_w)  # tells the child the keeper is locked down (its read of the pipe sees EOF)
         while True:
-            info = signal.sigwaitinfo(_KEEPER_WAITS)
+            info = signal.sigwaitinfo(KEEPER_WAITS)
             if info.si_signo != signal.SIGCHLD:
                 try:
                     os.kill(child, info.si_signo)
@@ -366,18 +386,20 @@ def _keeper(child: int, death_w: int, locked_w: int) -> None:
         os._exit(status)
 
 
-def _split_pid_namespace() -> None:
+def _split_pid_namespace(program: int | None, argv: list[bytes]) -> None:
     """Fork into the new pid namespace; only the child (pid 1) returns."""
     death_r, death_w = os.pipe2(os.O_CLOEXEC)
     locked_r, locked_w = os.pipe2(os.O_CLOEXEC)
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _KEEPER_WAITS)  # no signal lost before sigwaitinfo
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, KEEPER_WAITS)  # no signal lost before sigwaitinfo
     child = os.fork()
     if child:
         os.close(death_r)
         os.close(locked_r)
-        _keeper(child, death_w, locked_w)
+        _keeper(child, death_w, locked_w, program, argv)
     os.close(death_w)
     os.close(locked_w)
+    if program is not None:
+        os.close(program)
     # Go on only once the keeper has loaded its seccomp filter (it closes its end then, or dies): the DM never
     # runs, let alone reads guest input, next to a keeper that is not locked down yet.
     os.read(locked_r, 1)
@@ -402,6 +424,12 @@ def enter_jail(cfg: JailConfig) -> None:
     if _thread_count() != 1:
         raise JailConfigError("enter_jail must be called while the process is single-threaded")
     cap_last_cap = _read_cap_last_cap()
+    program: int | None = None
+    argv: list[bytes] = []
+    if cfg.pid_ns:
+        # The keeper's program and the command line it will show, while there are still files and a /proc.
+        program = keeper.open_program(KEEPER_WAITS)
+        argv = Path("/proc/self/cmdline").read_bytes().split(b"\0")[:-1] or [b"kvmdm-keeper"]
     if cfg.seccomp is not None:
         seccomp_policy.build_filter(seccomp_policy.policy_for(cfg.seccomp), {"self_tgid": 1})  # compile check
 
@@ -410,7 +438,7 @@ def enter_jail(cfg: JailConfig) -> None:
         _place_in_cgroup(cfg)
     # 2. fds
     try:
-        _close_fds(cfg.keep_fds)
+        _close_fds([*cfg.keep_fds, *([program] if program is not None else [])])
     except OSError as e:
         raise _fail("close_fds", e) from e
     # 3. namespaces
@@ -455,7 +483,7 @@ def enter_jail(cfg: JailConfig) -> None:
     # 10. pid namespace: fork; the keeper never comes back
     if cfg.pid_ns:
         try:
-            _split_pid_namespace()
+            _split_pid_namespace(program, argv)
         except OSError as e:
             raise _fail("pid_namespace", e) from e
     # 11. seccomp, last

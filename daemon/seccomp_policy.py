@@ -73,6 +73,8 @@ class Param:
 
 SELF_TGID = Param("self_tgid")
 CHILD_PID = Param("child_pid")
+KEEPER_EXEC_FD = Param("keeper_exec_fd")
+NO_FD = 0x7FFFFFFF  # a keeper_exec_fd that matches no fd (RLIMIT_NOFILE is far below it): no exec at all
 
 
 @dataclass(frozen=True)
@@ -380,16 +382,21 @@ BACKEND_POLICY = BASE_POLICY.extend(
 )
 
 # The pid-namespace keeper (see daemon.jail): waits for its one child, forwards signals to it, re-raises the
-# child's fatal signal on itself. Nothing else, not even read/write.
+# child's fatal signal on itself. Nothing else, not even read/write. Its one exec is of its own program
+# (daemon/keeper.c) through the close-on-exec fd the jail opened for it (execveat(fd, "", AT_EMPTY_PATH); a
+# non-empty path under a file's fd fails with ENOTDIR): once that exec has closed the fd, and with no syscall
+# that makes an fd, nothing can be exec'd again. The program makes itself non-dumpable (exec resets it).
 KEEPER_POLICY = Policy(
     "keeper",
     {
         **_CORE,
         "wait4": (Rule((Arg(0, "eq", CHILD_PID),)),),
         "kill": (Rule((Arg(0, "eq", CHILD_PID),)), Rule((Arg(0, "eq", SELF_TGID),))),
+        "execveat": (Rule((Arg(0, "eq", KEEPER_EXEC_FD), Arg(4, "eq", AT_EMPTY_PATH))),),
+        "prctl": (Rule((Arg(0, "eq", sys_.PR_SET_DUMPABLE), Arg(1, "eq", 0))),),
     },
     _CLONE3_ENOSYS,
-    KILL_ALWAYS,
+    KILL_ALWAYS - {"execveat"},
 )
 
 _POLICIES: Mapping[str, Policy] = MappingProxyType(

@@ -113,6 +113,10 @@ def warm() -> None:
 
     for vcpus in range(1, 5):
         build_tables(AcpiPlatform(vcpus=vcpus, rtc_century=REG_CENTURY, pci_mmio64=None))
+    # The keeper's program (daemon.keeper): built here once rather than by the first DM.
+    from daemon import jail, keeper
+
+    keeper.program(jail.KEEPER_WAITS)
 
 
 def dm_entry(args: list[str]) -> int:

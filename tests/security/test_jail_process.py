@@ -15,12 +15,25 @@ from typing import Any
 
 import pytest
 
-from daemon.jail import JailConfig, run_jailed, spawn_jailed
+from daemon import keeper
+from daemon.jail import KEEPER_WAITS, JailConfig, run_jailed, spawn_jailed
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("spawn_mode")]  # fork and zygote (conftest.py)
 
 Make = Callable[..., JailConfig]
 UNIFIED = Path("/sys/fs/cgroup/unified")
+
+
+@pytest.fixture(params=["program", "python"])
+def keeper_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The keeper as daemon/keeper.c's program (the default) and as the Python fallback (jail._keeper)."""
+    if request.param == "python":
+        monkeypatch.setenv("KVMDM_PYTHON_KEEPER", "1")
+    else:
+        monkeypatch.delenv("KVMDM_PYTHON_KEEPER", raising=False)
+        if keeper.program(KEEPER_WAITS) is None:
+            pytest.fail("daemon/keeper.c does not build here (see the warning in the log)")
+    return str(request.param)
 
 
 def _read(fd: int, timeout: float = 10.0) -> bytes:
@@ -43,9 +56,45 @@ def _gone_or_zombie(pid: int, timeout: float = 5.0) -> bool:
 
 
 @pytest.mark.parametrize("pid_ns", [True, False])
-def test_exit_code_of_the_jailed_process_reaches_the_spawner(make_config: Make, pid_ns: bool) -> None:
+def test_exit_code_of_the_jailed_process_reaches_the_spawner(make_config: Make, pid_ns: bool,
+                                                             keeper_kind: str) -> None:
     r = run_jailed(lambda: os._exit(7), make_config(pid_ns=pid_ns))
     assert (r.exit_code, r.term_signal, r.error_type) == (7, None, "NoResult")
+
+
+def test_the_keeper_is_its_small_program_undumpable_and_holding_only_its_pipe(make_config: Make,
+                                                                              keeper_kind: str) -> None:
+    ready_r, ready_w = os.pipe()
+
+    def fn() -> None:
+        os.write(ready_w, b"r")
+        time.sleep(60)
+
+    proc = spawn_jailed(fn, make_config(keep_fds=[ready_w]))
+    try:
+        assert _read(ready_r) == b"r"
+        kp = proc.pid
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{kp}/status").read_text().splitlines())
+        uid = int(status["Uid"].split()[0])
+        assert uid != 0 and status["NoNewPrivs"].strip() == "1" and status["Seccomp"].strip() == "2"
+        assert int(status["CapEff"], 16) == 0 and status["Threads"].strip() == "1"
+        # Not dumpable (exec made it dumpable again; the program undoes that): the files under /proc/<pid> of a
+        # non-dumpable process belong to root, not to the process's uid.
+        assert os.stat(f"/proc/{kp}/status").st_uid == 0
+        fds = sorted(os.readlink(f"/proc/{kp}/fd/{f}") for f in os.listdir(f"/proc/{kp}/fd"))
+        assert [f.split(":")[0] for f in fds] == ["pipe"], fds  # the death pipe only
+        rss_kib = int(status["VmRSS"].split()[0])
+        exe = os.readlink(f"/proc/{kp}/exe")
+        if keeper_kind == "program":
+            assert Path(exe).name.startswith("kvmdm-keeper-"), exe
+            assert rss_kib < 256, status["VmRSS"]  # a few pages, not an interpreter
+        else:
+            assert "python" in Path(exe).name, exe
+        # The command line is the jailed process's own, in both kinds.
+        assert Path(f"/proc/{kp}/cmdline").read_bytes() == Path(f"/proc/{proc.dm_pid()}/cmdline").read_bytes()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
 
 
 def test_exceptions_in_the_jail_are_reported_as_data(make_config: Make) -> None:
@@ -56,7 +105,7 @@ def test_exceptions_in_the_jail_are_reported_as_data(make_config: Make) -> None:
     assert (r.error_type, r.error_errno, r.exit_code) == ("FileNotFoundError", 2, 0)
 
 
-def test_fatal_signal_of_the_dm_is_re_raised_by_the_keeper(make_config: Make) -> None:
+def test_fatal_signal_of_the_dm_is_re_raised_by_the_keeper(make_config: Make, keeper_kind: str) -> None:
     def fn() -> None:
         faulthandler.disable()  # pytest enables it; we want the kernel's own SIGSEGV
         ctypes.string_at(8, 1)  # (NULL itself is special-cased by ctypes)
@@ -89,7 +138,7 @@ def test_signals_to_own_threads_work_with_the_right_tgid(make_config: Make, pid_
     assert run_jailed(fn, make_config(pid_ns=pid_ns)).value == {"got": [signal.SIGUSR1], "is_pid1": pid_ns}
 
 
-def test_sigterm_to_the_keeper_is_forwarded_to_a_dm_that_handles_it(make_config: Make) -> None:
+def test_sigterm_to_the_keeper_is_forwarded_to_a_dm_that_handles_it(make_config: Make, keeper_kind: str) -> None:
     ready_r, ready_w = os.pipe()
 
     def fn() -> Any:
@@ -123,7 +172,7 @@ def test_dm_without_a_sigterm_handler_ignores_it_as_pid_1(make_config: Make) -> 
     assert proc.wait().value == "survived"
 
 
-def test_sigkill_of_the_keeper_takes_the_dm_down(make_config: Make) -> None:
+def test_sigkill_of_the_keeper_takes_the_dm_down(make_config: Make, keeper_kind: str) -> None:
     ready_r, ready_w = os.pipe()
 
     def fn() -> None:

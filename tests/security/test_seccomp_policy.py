@@ -10,7 +10,7 @@ from daemon import _jailsys as sys_
 from daemon import seccomp_policy as sp
 from daemon.seccomp_policy import ALWAYS, Arg, Policy, PolicyError, Rule
 
-PARAMS = {"self_tgid": 1, "child_pid": 4242}
+PARAMS = {"self_tgid": 1, "child_pid": 4242, "keeper_exec_fd": 5}
 THREAD_FLAGS = (
     sys_.CLONE_VM | sys_.CLONE_FS | sys_.CLONE_FILES | sys_.CLONE_SIGHAND | sys_.CLONE_THREAD
     | sys_.CLONE_SYSVSEM | sys_.CLONE_SETTLS | sys_.CLONE_PARENT_SETTID | sys_.CLONE_CHILD_CLEARTID
@@ -38,6 +38,10 @@ def test_unknown_policy_name_is_refused() -> None:
 ])
 @pytest.mark.parametrize("kind", ["dm", "backend", "keeper"])
 def test_dangerous_syscalls_kill_the_process_in_every_policy(kind: str, name: str) -> None:
+    if (kind, name) == ("keeper", "execveat"):
+        # Its one exec, of its own program's fd, is allowed; every other is EPERM (test below).
+        assert sp.policy_for(kind).action_for(name, [9, 0, 0, 0, 0x1000], PARAMS) == errno.EPERM
+        return
     assert sp.policy_for(kind).action_for(name) == "kill"
 
 
@@ -115,6 +119,23 @@ def test_keeper_may_signal_and_wait_only_for_its_child_and_itself() -> None:
     assert pol.action_for("wait4", [(1 << 64) - 1], PARAMS) == errno.EPERM
     for sc in ("read", "write", "openat", "ioctl", "socket"):
         assert pol.action_for(sc) == errno.EPERM
+
+
+def test_keeper_may_exec_only_its_own_program_fd_and_only_make_itself_undumpable() -> None:
+    pol = sp.policy_for("keeper")
+    at_empty_path = 0x1000
+    assert pol.action_for("execveat", [5, 0, 0, 0, at_empty_path], PARAMS) == "allow"
+    assert pol.action_for("execveat", [6, 0, 0, 0, at_empty_path], PARAMS) == errno.EPERM  # another fd
+    assert pol.action_for("execveat", [5, 0, 0, 0, 0], PARAMS) == errno.EPERM  # a path lookup under the fd
+    assert pol.action_for("execveat", [(1 << 64) - 100, 0, 0, 0, at_empty_path], PARAMS) == errno.EPERM  # CWD
+    assert pol.action_for("execve", [0, 0, 0]) == "kill"
+    for sc in ("dup", "dup2", "dup3", "pipe2", "openat", "open", "memfd_create", "socket", "accept4"):
+        assert pol.action_for(sc) != "allow", sc  # nothing makes an fd, so the exec fd cannot come back
+    assert pol.action_for("prctl", [4, 0], PARAMS) == "allow"  # PR_SET_DUMPABLE 0
+    assert pol.action_for("prctl", [4, 1], PARAMS) == errno.EPERM
+    assert pol.action_for("prctl", [38, 0], PARAMS) == errno.EPERM  # PR_SET_NO_NEW_PRIVS and the rest
+    with_none = {**PARAMS, "keeper_exec_fd": sp.NO_FD}
+    assert pol.action_for("execveat", [5, 0, 0, 0, at_empty_path], with_none) == errno.EPERM
 
 
 def test_fcntl_f_setown_is_denied_but_flag_handling_allowed() -> None:
