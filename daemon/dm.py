@@ -39,6 +39,7 @@ from daemon.config import ConfigError, GuestDefinition, parse_definition
 from daemon.control import ControlServer, typed_fd_handler, typed_handler
 from daemon.messages import DmState, ExitCode
 from daemon.vmm import Vmm
+from kvmcore.firmware import MAX_OPTION_ROM, FirmwareError, legacy_rom_image
 from kvmcore.kvm import Kvm, KvmError
 from kvmcore.loader.errors import LoaderError
 from kvmcore.memory import GuestMemory
@@ -107,14 +108,7 @@ class CappedFdSink:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvmdm-dm", description="kvmdm per-guest device-model process")
-    p.add_argument("--control-fd", type=int, required=True)
-    p.add_argument("--definition-fd", type=int, required=True)
-    p.add_argument("--console-fd", type=int, required=True)
-    p.add_argument("--kvm-fd", type=int, required=True)
-    p.add_argument("--kernel-fd", type=int, required=True)
-    p.add_argument("--initrd-fd", type=int)
-    p.add_argument("--disk-fd", type=int, action="append", default=[])
-    p.add_argument("--tap-fd", type=int, action="append", default=[])
+    msg.add_dm_fd_args(p)  # --control-fd ... --nic-rom-fd: daemon.messages.DM_FDS
     jail = p.add_mutually_exclusive_group(required=True)
     jail.add_argument("--no-jail", action="store_true")
     jail.add_argument("--jail-root", type=Path)
@@ -258,6 +252,9 @@ class DeviceModel:
         a, d = self.args, self.d
         kernel = _read_fd(a.kernel_fd, 256 << 20)
         initrd = _read_fd(a.initrd_fd, 1 << 30) if a.initrd_fd is not None else None
+        # The daemon checked the file at create (daemon.config); the x86 image is taken from its bytes here.
+        nic_rom = (legacy_rom_image(_read_fd(a.nic_rom_fd, MAX_OPTION_ROM), "nic_rom")
+                   if a.nic_rom_fd is not None else None)
         mem_size = d.memory_mib << 20
         mem = guest_memory(d, mem_size)  # before the jail: anonymous THP RAM, or a memfd when vhost-user needs it
         self.control = ControlServer(a.control_fd, typed_handler(self.handle), typed_fd_handler(self.handle_fd))
@@ -272,7 +269,8 @@ class DeviceModel:
         signal.signal(signal.SIGINT, lambda *_: self._stop_from_signal())
 
         # The one recipe (daemon.builder) on the fds the daemon prepared; it owns them from here on.
-        res = GuestResources(kernel=kernel, initrd=initrd, disks=list(a.disk_fd), nics=list(a.tap_fd))
+        res = GuestResources(kernel=kernel, initrd=initrd, disks=list(a.disk_fd), nics=list(a.tap_fd),
+                             nic_rom=nic_rom)
         built = build_vm(d, res, kvm=Kvm(fd=a.kvm_fd), serial_sink=self.console, mem=mem,
                          on_device_alert=lambda text: self._set_state(self.state, text))  # shows in /health
         self.vmm = vmm = built.vmm
@@ -334,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         raw = _read_fd(args.definition_fd, 1 << 20)
         definition = parse_definition(json.loads(raw), check_paths=False)
         return DeviceModel(args, definition).run()
-    except (ConfigError, LoaderError, KvmError, ValueError, OSError) as e:
+    except (ConfigError, LoaderError, FirmwareError, KvmError, ValueError, OSError) as e:
         log.error("device model failed: %s", e)
         return ExitCode.ERROR
 

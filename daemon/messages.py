@@ -19,7 +19,10 @@ import binascii
 import math
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+if TYPE_CHECKING:
+    import argparse
 
 MAX_ID = 2**53 - 1  # JSON numbers beyond this are not exact in every implementation (RFC 8259 §6)
 MAX_CONSOLE_INPUT = 4096  # decoded bytes per console_input request
@@ -97,6 +100,47 @@ def describe_exit(rc: int) -> tuple[str, bool]:
         ExitCode.CRASHED: ("guest crashed (DM exit 4)", True),
         ExitCode.ERROR: ("DM error (DM exit 1)", True),
     }.get(code, (f"DM exited with unexpected code {rc}", True))
+
+
+# ------------------------------------------------------------------------------------- the DM's fds (argv)
+
+
+@dataclass(frozen=True)
+class DmFd:
+    """One fd of the DM's command line: ``--<name>-fd N`` names the fd open at number N in the DM (the daemon's
+    spawn passes exactly these, by exec's pass_fds or the zygote's SCM_RIGHTS, at the same numbers)."""
+
+    name: str
+    what: str
+    required: bool = False
+    repeated: bool = False
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.name}-fd"
+
+
+DM_FDS: tuple[DmFd, ...] = (
+    DmFd("control", "listening unix stream socket of the control protocol", required=True),
+    DmFd("definition", "pipe holding the guest definition (JSON)", required=True),
+    DmFd("console", "the console log, O_APPEND", required=True),
+    DmFd("kvm", "/dev/kvm", required=True),
+    DmFd("kernel", "the kernel image; a firmware guest's BIOS image", required=True),
+    DmFd("initrd", "the initrd image"),
+    DmFd("disk", "per disk: the image, or a connected vhost-user socket", repeated=True),
+    DmFd("tap", "per nic: the tap, or a connected vhost-user socket", repeated=True),
+    DmFd("nic-rom", "a firmware guest's virtio-net option ROM file (nic_rom), as stored: the DM takes its x86 "
+                    "image for fw_cfg"),
+)
+
+
+def add_dm_fd_args(parser: argparse.ArgumentParser) -> None:
+    """Declare :data:`DM_FDS` on a parser (the DM's, and the tests' fake DM: one contract)."""
+    for fd in DM_FDS:
+        if fd.repeated:
+            parser.add_argument(fd.flag, type=int, action="append", default=[], help=fd.what)
+        else:
+            parser.add_argument(fd.flag, type=int, required=fd.required, help=fd.what)
 
 
 # ---------------------------------------------------------------------------------------------- field checks

@@ -5,7 +5,8 @@ Argv contract (daemon.dm.parse_args): ``--control-fd`` (a listening unix socket 
 path), ``--definition-fd`` (a pipe holding the definition's JSON), ``--console-fd`` (console.log, the previous
 run's kept as console.log.1), ``--kvm-fd``, ``--kernel-fd``, ``--initrd-fd``, one ``--disk-fd`` per disk (the
 image, or a socket connected to its vhost-user back-end), one ``--tap-fd`` per nic (a tap, or a socket connected to
-its net back-end), then ``--jail-root/--uid/--gid`` or ``--no-jail``. stdout/stderr go to the guest's dm.log.
+its net back-end), ``--nic-rom-fd`` (a firmware guest with nics: its nic_rom file), then ``--jail-root/--uid/--gid``
+or ``--no-jail`` (the fds: daemon.messages.DM_FDS). stdout/stderr go to the guest's dm.log.
 
 How the DM is started is the caller's choice (``launch``): :func:`exec_dm` (``Popen`` of the configured
 dm_command with the argv and fds) or the zygote (daemon.supervision.forkserver: a fork of a pre-imported process
@@ -166,6 +167,10 @@ def spawn_dm(cfg: SupervisorConfig, g: Guest, *, jailed: bool, backend_uid: int 
                                        "--kernel-fd", str(kernel)]
         if d.initrd is not None:
             argv += ["--initrd-fd", str(keep(os.open(d.initrd, os.O_RDONLY | os.O_CLOEXEC)))]
+        if d.nic_rom is not None and d.nics:
+            from daemon.config import nic_rom_file
+
+            argv += ["--nic-rom-fd", str(keep(os.open(nic_rom_file(d.nic_rom), os.O_RDONLY | os.O_CLOEXEC)))]
         for disk in d.disks:
             spec = next(specs) if disk.backend == "vhost-user" else None
             if spec is not None and spec.managed:

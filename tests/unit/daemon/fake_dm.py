@@ -39,14 +39,7 @@ from daemon.messages import DmState, ExitCode  # noqa: E402
 def _parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fake_dm")
     p.add_argument("--tag", default="")  # lets tests find their own processes in /proc
-    p.add_argument("--control-fd", type=int, required=True)
-    p.add_argument("--definition-fd", type=int, required=True)
-    p.add_argument("--console-fd", type=int, required=True)
-    p.add_argument("--kvm-fd", type=int, required=True)
-    p.add_argument("--kernel-fd", type=int, required=True)
-    p.add_argument("--initrd-fd", type=int)
-    p.add_argument("--disk-fd", type=int, action="append", default=[])
-    p.add_argument("--tap-fd", type=int, action="append", default=[])
+    msg.add_dm_fd_args(p)  # the real DM's fd arguments (daemon.messages.DM_FDS)
     p.add_argument("--no-jail", action="store_true")
     p.add_argument("--jail-root")
     p.add_argument("--uid", type=int)
@@ -135,7 +128,10 @@ class FakeDM:
         self.console(f"fake-dm: booting {self.definition.name} pid={os.getpid()}")
         self.console(f"fake-dm: fds={fds}")
         a = self.args
-        kinds = {"kvm": _kind(a.kvm_fd), "kernel": _kind(a.kernel_fd), "disks": [_kind(x) for x in a.disk_fd]}
+        kinds: dict[str, Any] = {"kvm": _kind(a.kvm_fd), "kernel": _kind(a.kernel_fd),
+                                 "disks": [_kind(x) for x in a.disk_fd]}
+        if a.nic_rom_fd is not None:
+            kinds["nic_rom"] = _kind(a.nic_rom_fd)
         self.console(f"fake-dm: args=jail:{'off' if a.no_jail else a.jail_root} uid={a.uid} gid={a.gid} "
                      f"kinds={kinds}")
         self.set_state(DmState.RUNNING, "guest started")

@@ -284,3 +284,38 @@ def test_a_typed_dm_answers_a_wrong_reply_type_with_an_error_not_a_malformed_res
         server.stop()
         t.join(5)
         server.close()
+
+
+# ----------------------------------------------------------------------------------- the DM's fd arguments
+
+
+def _fd_argv() -> tuple[list[str], dict[str, Any]]:
+    argv: list[str] = []
+    want: dict[str, Any] = {}
+    for n, fd in enumerate(msg.DM_FDS, start=10):
+        argv += [fd.flag, str(n)] * (2 if fd.repeated else 1)
+        want[fd.flag[2:].replace("-", "_")] = [n, n] if fd.repeated else n
+    return argv, want
+
+
+def test_the_real_dm_and_the_fake_dm_parse_every_fd_of_the_contract_alike() -> None:
+    from daemon.dm import parse_args
+
+    spec = importlib.util.spec_from_file_location("fake_dm_argv", FAKE_DM)
+    assert spec is not None and spec.loader is not None
+    fake = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fake)
+    argv, want = _fd_argv()
+    assert "--nic-rom-fd" in argv  # a firmware guest's option ROM (nic_rom): the jail cannot open the file
+    for parsed in (parse_args([*argv, "--no-jail"]), fake._parse_args([*argv, "--no-jail"])):
+        assert {k: getattr(parsed, k) for k in want} == want
+
+
+def test_required_fds_are_required_and_optional_ones_default_to_none_or_empty() -> None:
+    from daemon.dm import parse_args
+
+    required = [a for fd in msg.DM_FDS if fd.required for a in (fd.flag, "3")]
+    a = parse_args([*required, "--no-jail"])
+    assert a.initrd_fd is None and a.nic_rom_fd is None and a.disk_fd == [] and a.tap_fd == []
+    with pytest.raises(SystemExit):
+        parse_args([*required[2:], "--no-jail"])  # no --control-fd
