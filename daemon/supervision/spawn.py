@@ -2,8 +2,8 @@
 our copies closed; and the jail uids DMs and their back-ends run as.
 
 Argv contract (daemon.dm.parse_args): ``--control-fd`` (a listening unix socket bound at the guest's control
-path), ``--definition-fd`` (a pipe holding the definition's JSON), ``--console-fd`` (console.log, the previous
-run's kept as console.log.1), ``--kvm-fd``, ``--kernel-fd``, ``--initrd-fd``, one ``--disk-fd`` per disk (the
+path), ``--definition-fd`` (a pipe holding the definition's JSON), ``--console-fd`` (console.log: a start keeps
+the previous run's as console.log.1, a guest's own reboot goes on in the same file), ``--kvm-fd``, ``--kernel-fd``, ``--initrd-fd``, one ``--disk-fd`` per disk (the
 image, or a socket connected to its vhost-user back-end), one ``--tap-fd`` per nic (a tap, or a socket connected to
 its net back-end), ``--nic-rom-fd`` (a firmware guest with nics: its nic_rom file), then ``--jail-root/--uid/--gid``
 or ``--no-jail`` (the fds: daemon.messages.DM_FDS). stdout/stderr go to the guest's dm.log.
