@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_MESSAGE = 64 * 1024
-MAX_FDS = 64  # the DM's contract: 6 fixed fds + disks + nics; the config caps both well below this
+MAX_FDS = 64  # the DM's contract (daemon.messages.DM_FDS): up to 7 fixed fds + disks + nics; the config caps both well below this
 MAX_ARGS = 256
 
 
