@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.what == "pytest":
         extra = [x for x in a.args if x != "--"]
         cmd = [python, "-m", "pytest", "-p", "no:cacheprovider", "-m", "realkvm", "tests/realkvm", *extra]
+        if not host_has_real_kvm() and os.environ.get("KVMDM_LANE_QUARANTINED") != "1":
+            # Tests marked lane_quarantine hit an intermittent vCPU freeze in L1 (nested SVM on QEMU-TCG, cause
+            # not found yet; the README's lane section): they run with KVMDM_LANE_QUARANTINED=1, not in CI's lane.
+            cmd[cmd.index("realkvm")] = "realkvm and not lane_quarantine"
         if host_has_real_kvm():
             print(f"lane: this host has {real_kvm_module()}: running the realkvm tests directly, without L1")
             return subprocess.call(cmd, cwd=CHECKOUT)

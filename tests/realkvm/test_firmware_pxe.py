@@ -34,7 +34,8 @@ from kvmcore.firmware import IPXE_VIRTIO_ROM, SEABIOS_PATH
 from tests.realkvm import guest
 from tests.realkvm.pxeserver import SUBNET_PREFIX, PxeServer, pxe_server
 
-pytestmark = [pytest.mark.realkvm, pytest.mark.root, pytest.mark.timeout(1500),
+# lane_quarantine: 2 of ~14 kvmdm runs froze mid-TFTP in L1 (README, real-KVM lane); not in CI's lane until found.
+pytestmark = [pytest.mark.realkvm, pytest.mark.lane_quarantine, pytest.mark.root, pytest.mark.timeout(1500),
               pytest.mark.skipif(not (os.path.exists(SEABIOS_PATH) and os.path.exists(IPXE_VIRTIO_ROM)),
                                  reason="Debian's seabios and ipxe-qemu are needed")]
 

@@ -28,7 +28,8 @@ from tests.fixtures.linux_guest import require_linux_guest
 from tests.realkvm import guest
 from tests.realkvm.test_firmware import CMDLINE, REPO, RUN_LIMIT, SCRIPT
 
-pytestmark = [pytest.mark.realkvm, pytest.mark.timeout(900),
+# lane_quarantine: one lane run froze in early Linux boot (README, real-KVM lane); not in CI's lane until found.
+pytestmark = [pytest.mark.realkvm, pytest.mark.lane_quarantine, pytest.mark.timeout(900),
               pytest.mark.skipif(not os.path.exists(SEABIOS_PATH), reason="Debian's seabios is not installed"),
               pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None or shutil.which("qemu-img") is None,
                                  reason="qemu-storage-daemon/qemu-img are not installed (qemu-system-common, "
