@@ -85,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cmd = ["bash", "-c", PROBE]
 
+    private = [d for d in ("/tmp", "/run", "/dev/shm") if CHECKOUT == Path(d) or Path(d) in CHECKOUT.parents]
+    if private:
+        # L1 mounts its own, empty /tmp, /run and /dev/shm (tests/lane/boot.py): a checkout there is not in L1.
+        print(f"lane: cannot run from {CHECKOUT}: L1 has its own {private[0]}; use a checkout outside /tmp, /run "
+              f"and /dev/shm", file=sys.stderr)
+        return 2
     if shutil.which("qemu-system-x86_64") is None:
         return _unavailable("qemu-system-x86_64 is not installed")
     try:
