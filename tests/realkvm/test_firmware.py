@@ -26,7 +26,8 @@ from tests.fixtures.grub_disk import GRUB_MARKER, PART_START_SECTOR, DiskUnavail
 from tests.fixtures.linux_guest import require_linux_guest
 from tests.realkvm import guest
 
-pytestmark = [pytest.mark.realkvm, pytest.mark.timeout(900),
+# lane_quarantine: froze in early Linux boot in a clean-clone lane run (README, real-KVM lane); not in CI's lane until found.
+pytestmark = [pytest.mark.realkvm, pytest.mark.lane_quarantine, pytest.mark.timeout(900),
               pytest.mark.skipif(not os.path.exists(SEABIOS_PATH), reason="Debian's seabios is not installed")]
 
 REPO = Path(__file__).resolve().parents[2]
