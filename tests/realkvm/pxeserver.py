@@ -20,17 +20,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.realkvm.netpeer import _ip
+
 SERVER = "10.78.0.1"
 SUBNET_PREFIX = "10.78.0."
 DHCP_RANGE = "10.78.0.100,10.78.0.150,255.255.255.0,1h"
-
-
-def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    argv = ["ip", *(["-n", ns] if ns else []), *args]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip()}")
-    return r
 
 
 @dataclass
