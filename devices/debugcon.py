@@ -45,12 +45,13 @@ class Debugcon(BusDevice):
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         self.metrics.bytes_out += len(data)
+        raw = bytes(data)
         if self._on_line is not None:
-            self._watch(bytes(data))
+            self._watch(raw)
         if self._sink is None:
             return
         try:
-            self._sink.write(bytes(data))
+            self._sink.write(raw)
         except Exception:  # a console log that failed must not take the vCPU down
             self.metrics.sink_errors += 1
 
