@@ -20,8 +20,8 @@ Every part runs once per DM spawn mode (``kvmdmd --dm-spawn exec|zygote``, issue
 each on a fresh daemon, and the report puts them side by side. The DM's CPU time ("DM CPU to KVM_RUN") is what
 the DM logs in its timeline: its process CPU time (all threads) plus, through an at-fork hook, what it spent
 before the jail's fork; the keeper's own work after that fork (closing fds, loading its filter) is not in it.
-"Memory per extra guest" is what one more running guest costs the host: the pages its keeper and DM map and
-no other process does, guest RAM excluded (with the zygote, pages still shared with the zygote cost nothing
+"Memory per extra guest" is what one more running guest costs the host: the pages its keeper (an exec'd DM's;
+a zygote-forked DM has none) and DM map and no other process does, guest RAM excluded (with the zygote, pages still shared with the zygote cost nothing
 more; the zygote itself is a one-off cost, reported on its own).
 
     python -m bench.daemon [--runs 20] [--guests 100] [--churn 100] [--requests 1000] [--modes exec,zygote] [--json]
@@ -100,9 +100,25 @@ def pct(xs: list[float], p: float) -> float:
     return s[min(len(s) - 1, max(0, round(p / 100 * len(s) + 0.5) - 1))]
 
 
-def jailed_child(keeper: int) -> int:
-    kids = wait_until(lambda: Path(f"/proc/{keeper}/task/{keeper}/children").read_text().split(), 5.0)
+def _nspid(pid: int) -> list[str]:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return line.split()[1:]
+    return []
+
+
+def jailed_child(spawned: int) -> int:
+    """The DM of a guest's dm_pid: that pid itself when it is pid 1 of its own pid namespace already (forked so by
+    the zygote: no keeper, daemon/jail.py step 10), else the keeper's only child."""
+    if _nspid(spawned)[1:] == ["1"]:
+        return spawned
+    kids = wait_until(lambda: Path(f"/proc/{spawned}/task/{spawned}/children").read_text().split(), 5.0)
     return int(kids[0])
+
+
+def minor_faults(pid: int) -> int:
+    """minflt of a process (proc(5) /proc/PID/stat field 10): its own, not its children's."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
 
 
 # ------------------------------------------------------------------------------------------------ startup
@@ -262,8 +278,9 @@ def bench_memory(d: BenchDaemon, elf: str, mem_mib: int) -> dict[str, Any]:
     name = f"mem{mem_mib}"
     d.json("POST", "/v1/guests", {"name": name, "kernel": elf, "cmdline": "loops=2000000000",
                                   "memory_mib": mem_mib}, expect=201)
-    keeper = d.json("POST", f"/v1/guests/{name}/start")["dm_pid"]
-    dm = jailed_child(keeper)
+    spawned = d.json("POST", f"/v1/guests/{name}/start")["dm_pid"]
+    dm = jailed_child(spawned)
+    keeper = spawned if spawned != dm else None  # a zygote-forked DM has none
     time.sleep(1.0)  # let the DM settle (threads started, first stats served)
     d.json("GET", f"/v1/guests/{name}/stats")
     roll = smaps_rollup(dm)
@@ -271,9 +288,13 @@ def bench_memory(d: BenchDaemon, elf: str, mem_mib: int) -> dict[str, Any]:
     by = private_by_mapping(dm, ram)
     guest_ram = by.pop(GUEST_RAM, 0)
     uss = roll["Private_Clean"] + roll["Private_Dirty"] + roll.get("Private_Hugetlb", 0)
-    keeper_uss = sum(v for k, v in smaps_rollup(keeper).items() if k.startswith("Private_"))
-    keeper_uss -= private_by_mapping(keeper, ram).get(GUEST_RAM, 0)
-    jail_unique = jail_unique_bytes([keeper, dm], ram)
+    keeper_uss = 0
+    if keeper is not None:
+        keeper_uss = sum(v for k, v in smaps_rollup(keeper).items() if k.startswith("Private_"))
+        keeper_uss -= private_by_mapping(keeper, ram).get(GUEST_RAM, 0)
+    jail = [dm] if keeper is None else [keeper, dm]
+    jail_unique = jail_unique_bytes(jail, ram)
+    minflt = sum(minor_faults(p) for p in jail)
     maps = Path(f"/proc/{dm}/maps").read_text()
     web = sorted({m for m in WEB_MODULES if f"/{m}/" in maps})
     zpid = d.zygote_pid()
@@ -285,7 +306,8 @@ def bench_memory(d: BenchDaemon, elf: str, mem_mib: int) -> dict[str, Any]:
     d.json("DELETE", f"/v1/guests/{name}")
     return {"memory_mib": mem_mib, "zygote": zygote, "uss": uss, "uss_without_guest_ram": uss - guest_ram,
             "guest_ram_private": guest_ram, "guest_ram_found": bool(ram),
-            "rss": roll["Rss"], "pss": roll["Pss"], "keeper_uss": keeper_uss,
+            "rss": roll["Rss"], "pss": roll["Pss"], "keeper_uss": keeper_uss, "keeper": keeper is not None,
+            "minor_faults": minflt,
             "jail_unique_without_guest_ram": jail_unique,
             "top": by.most_common(6), "web_framework_mapped": web}
 
@@ -456,7 +478,9 @@ def report(res: dict[str, Any], a: argparse.Namespace) -> None:
             print(f"{m:6} guest RAM {r['memory_mib']:4d} MiB: per extra guest (keeper + DM, mapped by no other "
                   f"process, guest RAM excluded) {r['jail_unique_without_guest_ram'] / mib:5.1f} MiB "
                   f"(target <= {TARGET_EXTRA_GUEST_MIB:.0f}); DM USS w/o guest RAM "
-                  f"{r['uss_without_guest_ram'] / mib:5.1f} MiB, keeper USS {r['keeper_uss'] / mib:4.1f}, "
+                  f"{r['uss_without_guest_ram'] / mib:5.1f} MiB, "
+                  f"{'keeper USS ' + format(r['keeper_uss'] / mib, '4.1f') if r.get('keeper', True) else 'no keeper'}, "
+                  f"minor faults (keeper + DM, 1 s in) {r.get('minor_faults', 0)}, "
                   f"DM RSS {r['rss'] / mib:5.1f}, PSS {r['pss'] / mib:5.1f}, guest pages "
                   f"{r['guest_ram_private'] / mib:.1f}{'' if r['guest_ram_found'] else ' (guest RAM NOT FOUND)'}; "
                   "web framework mapped: "

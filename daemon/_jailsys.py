@@ -101,6 +101,8 @@ _CapDataPair = _CapData * 2  # v3 capabilities are 64 bits split in two 32-bit w
 
 _libc.unshare.argtypes = (ctypes.c_int,)
 _libc.unshare.restype = ctypes.c_int
+_libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
+_libc.setns.restype = ctypes.c_int
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
 _libc.mount.restype = ctypes.c_int
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
@@ -125,6 +127,11 @@ def _check(ret: int, what: str) -> int:
 
 def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), "unshare")
+
+
+def setns(fd: int, nstype: int) -> None:
+    """setns(2): with CLONE_NEWPID it changes only the pid namespace of the caller's *future* children."""
+    _check(_libc.setns(fd, nstype), "setns")
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None) -> None:

@@ -6,7 +6,8 @@ Spawned by kvmdmd with only the fds it needs (see daemon.supervisor for the argv
    read the kernel/initrd images from their fds; import every module it will ever use (the jail has no files);
 2. create guest RAM (memfd_create is not in the jailed policy) and the control server (socketpair);
 3. enter the jail (daemon.jail): namespaces, empty root, unprivileged uid, no caps, no_new_privs, seccomp.
-   enter_jail forks into the new pid namespace, and KVM binds a VM to the mm of the process that created it,
+   an exec'd DM's enter_jail forks into the new pid namespace (a zygote-forked one is born pid 1 of its own
+   and does not fork, daemon/jail.py step 10), and KVM binds a VM to the mm of the process that created it,
    so **the VM is created after the jail**, on the inherited /dev/kvm fd; guest memory (MAP_SHARED) survives
    the fork and is mapped into the VM from the jailed child;
 4. build the VM, start the vCPUs; the main thread serves the control socket until the guest stops;
@@ -51,8 +52,8 @@ log = logging.getLogger("kvmdm.dm")
 # (bench/daemon.py reads it to split create->first-serial-byte into DM startup and guest boot).
 T_IMPORTED = time.time()
 CONSOLE_CAP = 8 << 20
-# CPU seconds of this DM spent before the last fork (the jail's, daemon/jail.py step 10, leaves that part on the
-# keeper's account): recorded by an at-fork hook, inherited by the child, so that the timeline's cpu_ms is the
+# CPU seconds of this DM spent before the last fork (the jail's keeper fork, daemon/jail.py step 10, leaves that
+# part on the keeper's account): recorded by an at-fork hook, inherited by the child, so that the timeline's cpu_ms is the
 # DM's whole startup cost (bench/daemon.py). The keeper's own work after that fork is not in it.
 _cpu = {"at_fork": 0.0, "inherited": 0.0}
 
@@ -312,6 +313,9 @@ class DeviceModel:
         keep = [fd for fd in keep if _fd_alive(fd)]
         enter_jail(JailConfig(
             root_dir=a.jail_root, uid=a.uid, gid=a.gid, keep_fds=keep,
+            # Forked by the zygote for a jailed guest, this DM is pid 1 of a pid namespace made for it before the
+            # fork (daemon.zygote); an exec'd DM never is, and its jail makes one and forks a keeper.
+            pid_ns_ready=os.getpid() == 1,
             # Writes through passed fds (disk images, console log, dm.log) are bounded by RLIMIT_FSIZE.
             rlimits=Rlimits(fsize=max(biggest, 64 << 20), nofile=4096, nproc=256),
         ))

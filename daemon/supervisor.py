@@ -116,7 +116,8 @@ class Supervisor:
 
     def _launch(self, launch: DmLaunch) -> Any:
         assert self.forkserver is not None
-        return self.forkserver.spawn(launch.args, launch.pass_fds, launch.log_fd)
+        # A jailed DM is forked as pid 1 of its own pid namespace: no keeper, and the pid we get is the DM's.
+        return self.forkserver.spawn(launch.args, launch.pass_fds, launch.log_fd, pid_ns=launch.jailed)
 
     def _read_pid(self, name: str) -> int | None:
         try:

@@ -12,10 +12,18 @@ What the zygote holds, and what it must not:
   soon as the child is forked), no guest memory (created by the DM after the fork), no threads (checked before
   every fork: a thread holding a lock at fork time would leave the child with that lock held forever), and no
   fd that a child could inherit (the child closes every fd it was not given);
-* it is a child subreaper (PR_SET_CHILD_SUBREAPER), so a DM whose keeper died is re-parented to it and reaped,
-  and it reaps with ``waitpid(-1)``: the daemon is not the DMs' parent, so the zygote reports every exit status
-  on the event channel and sends, with each ``spawned`` reply, a pidfd it opened while the child could not yet
-  have been reaped (no pid-reuse window; the daemon watches that pidfd exactly as it watches an exec'd DM's).
+* it is a child subreaper (PR_SET_CHILD_SUBREAPER), so whatever a child leaves behind (a keeper's orphaned DM,
+  for a child that jails itself with a keeper) is re-parented to it and reaped, and it reaps with
+  ``waitpid(-1)``: the daemon is not the DMs' parent, so the zygote reports every exit status on the event
+  channel and sends, with each ``spawned`` reply, a pidfd it opened while the child could not yet have been
+  reaped (no pid-reuse window; the daemon watches that pidfd exactly as it watches an exec'd DM's);
+* a ``spawn`` with ``pid_ns`` (every jailed DM) forks the child as **pid 1 of a new pid namespace**: unshare(
+  CLONE_NEWPID) right before the fork (it moves nobody, only the next child, pid_namespaces(7)), setns(2) of its
+  own pid namespace (an fd opened at start) as the pid_for_children right after it, so that every such child
+  gets a namespace of its own and no later child lands in a DM's. The DM's jail then needs no keeper fork of
+  its own (daemon/jail.py step 10, ``pid_ns_ready``): the pid the daemon holds is the DM itself, and its exit
+  status, fatal signal included, is the one the zygote reaps. If the zygote cannot restore its own
+  pid_for_children it refuses the spawn and exits (the daemon starts a new one).
 
 Why not make the DM a child of the daemon instead (``clone(CLONE_PARENT)``)? Python cannot fork that way:
 ``os.fork`` takes no flags, and a raw ``clone`` syscall through ctypes bypasses glibc's fork bookkeeping (the
@@ -59,6 +67,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from daemon import _jailsys as sys_
 from daemon import zygote_wire as zw
 from kvmcore.util.fdpass import recv_with_fds, send_with_fds
 
@@ -113,7 +122,8 @@ def warm() -> None:
 
     for vcpus in range(1, 5):
         build_tables(AcpiPlatform(vcpus=vcpus, rtc_century=REG_CENTURY, pci_mmio64=None))
-    # The keeper's program (daemon.keeper): built here once rather than by the first DM.
+    # The keeper's program (daemon.keeper): built here once rather than by the first DM that forks a keeper (one
+    # the zygote forked without a pid namespace of its own; kvmdmd's jailed DMs get one and fork none).
     from daemon import jail, keeper
 
     keeper.program(jail.KEEPER_WAITS)
@@ -247,6 +257,10 @@ class Zygote:
         self.initial_handlers: dict[int, Any] = {s: signal.getsignal(s) for s in signal.valid_signals()
                                  if s not in (signal.SIGKILL, signal.SIGSTOP) and signal.getsignal(s) is not None}
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        # Our own pid namespace, to set back as the one of our children after each pid_ns fork (setns(2) accepts
+        # the caller's own active namespace; the children close this fd with every other one).
+        self._own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        self.broken: str | None = None  # why the zygote must not fork again
 
     def serve(self) -> int:
         """Until the daemon closes the request channel. Returns the zygote's exit status."""
@@ -267,6 +281,9 @@ class Zygote:
                     self._reap()
                 if self.req.fileno() in ready and not self._request():
                     return 0
+                if self.broken is not None:
+                    log.critical("exiting: %s", self.broken)
+                    return 1
         except (BrokenPipeError, ConnectionError):
             return 0  # the daemon went away
         finally:
@@ -317,7 +334,7 @@ class Zygote:
         sys.stdout.flush()
         sys.stderr.flush()
         try:
-            pid = os.fork()
+            pid = self._fork(m.pid_ns)
         except OSError as e:
             os.close(go_r)
             os.close(go_w)
@@ -329,6 +346,11 @@ class Zygote:
         os.close(go_r)
         self.children.add(pid)
         told = False
+        if m.pid_ns and not self._restore_pid_ns():
+            os.kill(pid, signal.SIGKILL)  # still waiting for "go": it never ran
+            os.close(go_w)
+            self.req.send(zw.encode(zw.SpawnError(m.id, f"pid namespace: {self.broken}")))
+            return
         try:
             pidfd = os.pidfd_open(pid)  # not reaped yet: only this thread reaps, and it is here
             try:
@@ -342,6 +364,28 @@ class Zygote:
             else:
                 os.kill(pid, signal.SIGKILL)  # it is still waiting for "go": it never ran the DM
             os.close(go_w)
+
+    def _fork(self, pid_ns: bool) -> int:
+        """``os.fork()``; with ``pid_ns`` the child is pid 1 of a new pid namespace (daemon/jail.py step 10)."""
+        if not pid_ns:
+            return os.fork()
+        sys_.unshare(sys_.CLONE_NEWPID)  # only our next child moves (pid_namespaces(7)); fails without root
+        try:
+            return os.fork()
+        except OSError:
+            self._restore_pid_ns()  # a namespace no process entered: gone with the reference we drop
+            raise
+
+    def _restore_pid_ns(self) -> bool:
+        """Our own pid namespace for our next children again (the parent's side, right after a pid_ns fork)."""
+        try:
+            sys_.setns(self._own_pid_ns, sys_.CLONE_NEWPID)
+        except OSError as e:
+            # The next plain child would be forked into this DM's namespace, and unshare(CLONE_NEWPID) fails
+            # (EINVAL) while pid_for_children is not our own: no more forks from this zygote.
+            self.broken = f"cannot set our pid_for_children back to our own pid namespace: {e}"
+            return False
+        return True
 
 
 def main(argv: list[str] | None = None, entry: Entry = dm_entry, load: Callable[[], None] = preload) -> int:

@@ -6,10 +6,12 @@ Two ``SOCK_SEQPACKET`` socketpairs, created by the daemon and passed to the zygo
 
 * request channel, strictly request/reply, one request in flight (the daemon serialises them):
   zygote -> daemon ``{"op": "ready", "pid": P}`` once, when every import is done;
-  daemon -> zygote ``{"op": "spawn", "id": N, "args": [...], "fds": [T0, T1, ...], "log": K}`` with the
-  fds themselves by SCM_RIGHTS, in the order of ``fds``: the child gets fd ``i`` of the message installed as fd
-  number ``fds[i]`` (the numbers ``args`` names, as ``Popen(pass_fds=...)`` keeps them), except fd ``K``, the
-  guest's dm.log, which becomes its stdout and stderr only; ``args`` is what ``daemon.dm.parse_args`` gets;
+  daemon -> zygote ``{"op": "spawn", "id": N, "args": [...], "fds": [T0, T1, ...], "log": K, "pid_ns": B}``
+  with the fds themselves by SCM_RIGHTS, in the order of ``fds``: the child gets fd ``i`` of the message
+  installed as fd number ``fds[i]`` (the numbers ``args`` names, as ``Popen(pass_fds=...)`` keeps them), except
+  fd ``K``, the guest's dm.log, which becomes its stdout and stderr only; ``args`` is what
+  ``daemon.dm.parse_args`` gets; ``pid_ns`` true: fork the child as pid 1 of a new pid namespace of its own (a
+  jailed DM, daemon/jail.py step 10);
   zygote -> daemon ``{"op": "spawned", "id": N, "pid": P}`` with a pidfd of the child by SCM_RIGHTS, or
   ``{"op": "error", "id": N, "error": "..."}``;
 * event channel, zygote -> daemon only: ``{"op": "exited", "pid": P, "returncode": R}`` for every child it
@@ -44,6 +46,7 @@ class Spawn:
     args: list[str]
     fds: list[int]  # target fd numbers in the child, one per SCM_RIGHTS fd, in order
     log: int  # index into fds of the child's stdout/stderr
+    pid_ns: bool = False  # fork it as pid 1 of a new pid namespace (daemon/jail.py step 10, pid_ns_ready)
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ Message = Ready | Spawn | Spawned | SpawnError | Exited
 
 _FIELDS: dict[str, tuple[type, dict[str, str]]] = {
     "ready": (Ready, {"pid": "pid"}),
-    "spawn": (Spawn, {"id": "int", "args": "args", "fds": "fds", "log": "int"}),
+    "spawn": (Spawn, {"id": "int", "args": "args", "fds": "fds", "log": "int", "pid_ns": "bool"}),
     "spawned": (Spawned, {"id": "int", "pid": "pid"}),
     "error": (SpawnError, {"id": "int", "error": "str"}),
     "exited": (Exited, {"pid": "pid", "returncode": "code"}),
@@ -88,6 +91,8 @@ def _check(kind: str, name: str, v: Any) -> None:
         ok = _is_int(v) and 1 < v < 1 << 22  # PID_MAX_LIMIT
     elif kind == "code":
         ok = _is_int(v) and -128 < v < 256
+    elif kind == "bool":
+        ok = isinstance(v, bool)
     elif kind == "str":
         ok = isinstance(v, str) and len(v) <= 4096
     elif kind == "args":

@@ -6,7 +6,9 @@ Who is whose parent, and how the supervisor still watches a DM exactly as before
 
 * the zygote is the daemon's child (``Popen``); each DM is the zygote's child. The zygote sends a **pidfd** of
   the DM with its ``spawned`` reply (opened before the DM could have been reaped, so no pid-reuse window); the
-  supervisor watches it on the event loop and signals through it, as it does with an exec'd DM's;
+  supervisor watches it on the event loop and signals through it, as it does with an exec'd DM's. A jailed DM is
+  forked as pid 1 of a pid namespace of its own (``spawn(..., pid_ns=True)``), so its jail forks no keeper and
+  that pid is the DM itself, where an exec'd DM's pid is its keeper (daemon/jail.py step 10);
 * ``waitid`` works for children only, so the **exit status** comes from the zygote, which reaps its children and
   reports ``exited`` on its event channel (:meth:`ForkedDm.when_reaped`). A pidfd turns readable when the DM
   exits, possibly a moment before the report arrives: the supervisor waits for the report;
@@ -279,16 +281,19 @@ class ForkServer:
 
     # ------------------------------------------------------------------------------------------------ spawn
 
-    def spawn(self, args: Sequence[str], pass_fds: Sequence[int], log_fd: int) -> ForkedDm:
+    def spawn(self, args: Sequence[str], pass_fds: Sequence[int], log_fd: int, *,
+              pid_ns: bool = False) -> ForkedDm:
         """Fork a DM running ``daemon.dm.main(args)`` with ``pass_fds`` at the same numbers and ``log_fd`` as its
         stdout/stderr (what ``Popen(pass_fds=..., stdout=log, stderr=log)`` of ``python -m daemon.dm`` gives an
-        exec'd one). Blocking; retried once on a new zygote if the current one turns out to be dead."""
+        exec'd one); with ``pid_ns`` as pid 1 of a new pid namespace of its own (a jailed DM: its jail then forks
+        no keeper, daemon/jail.py step 10, and the returned pid is the DM's). Blocking; retried once on a new
+        zygote if the current one turns out to be dead."""
         fds = list(dict.fromkeys([*pass_fds, log_fd]))
         with self._lock:
             for attempt in (1, 2):
                 zy = self._ensure_locked()
                 try:
-                    return self._spawn_on(zy, list(args), fds, fds.index(log_fd))
+                    return self._spawn_on(zy, list(args), fds, fds.index(log_fd), pid_ns)
                 except (ConnectionError, EOFError) as e:
                     zy.usable = False
                     if attempt == 2:
@@ -296,10 +301,11 @@ class ForkServer:
                     log.warning("DM zygote pid %d gone (%s); retrying on a new one", zy.pid, e)
         raise AssertionError("unreachable")
 
-    def _spawn_on(self, zy: ZygoteProcess, args: list[str], fds: list[int], log_index: int) -> ForkedDm:
+    def _spawn_on(self, zy: ZygoteProcess, args: list[str], fds: list[int], log_index: int,
+                  pid_ns: bool) -> ForkedDm:
         self._ids += 1
         rid = self._ids
-        send_with_fds(zy.req, zw.encode(zw.Spawn(rid, args, fds, log_index)), fds)
+        send_with_fds(zy.req, zw.encode(zw.Spawn(rid, args, fds, log_index, pid_ns)), fds)
         try:
             data, got, _trunc = recv_with_fds(zy.req, zw.MAX_MESSAGE, 1)
         except TimeoutError:

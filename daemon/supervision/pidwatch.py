@@ -69,8 +69,9 @@ def split_returncode(rc: int, what: str) -> tuple[int | None, str | None]:
 
 
 def jailed_child(pid: int) -> int | None:
-    """A jailed process is the only child of the spawned pid (the jail's keeper, daemon/jail.py step 10): the
-    process whose memory and CPU are the guest's. None for an unjailed one (it has no child)."""
+    """A jailed process with a keeper is the only child of the spawned pid (the jail's keeper, daemon/jail.py
+    step 10): the process whose memory and CPU are the guest's. None when the spawned pid has no child: an
+    unjailed process, or a zygote-forked DM, which was born pid 1 of its pid namespace and has no keeper."""
     try:
         kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:

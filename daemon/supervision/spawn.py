@@ -87,11 +87,13 @@ def open_kernel(d: GuestDefinition) -> int:
 @dataclass(frozen=True)
 class DmLaunch:
     """One DM to start: ``args`` for ``daemon.dm.parse_args`` (the fds they name are ``pass_fds``, at those
-    numbers) and ``log_fd``, the guest's dm.log, for stdout and stderr."""
+    numbers) and ``log_fd``, the guest's dm.log, for stdout and stderr; ``jailed``: it will jail itself (the
+    zygote then forks it as pid 1 of its own pid namespace, daemon/jail.py step 10)."""
 
     args: list[str]
     pass_fds: list[int]
     log_fd: int
+    jailed: bool = False
 
 
 def exec_dm(cfg: SupervisorConfig, launch: DmLaunch) -> subprocess.Popen[bytes]:
@@ -209,7 +211,7 @@ def spawn_dm(cfg: SupervisorConfig, g: Guest, *, jailed: bool, backend_uid: int 
         else:
             argv += ["--no-jail"]
         pass_fds = [ctl, *(fd for fd in to_close if fd != dmlog)]
-        dm = DmLaunch(argv, pass_fds, dmlog)
+        dm = DmLaunch(argv, pass_fds, dmlog, jailed)
         started = exec_dm(cfg, dm) if launch is None else launch(dm)
         ok = True
         return started

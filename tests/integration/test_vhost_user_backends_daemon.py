@@ -3,8 +3,9 @@ REAL jailed ``kvmdm-backend``: spawn before the DM, report in /health and /metri
 restart + re-attach after a crash without rebooting the guest, NEEDS_RESET when restarts run out, adoption by a
 restarted daemon, and no leaks over 20 guests. Also the control protocol's fd passing (``attach_backend``).
 
-Process trees: kvmdmd -> keeper -> DM, and kvmdmd -> keeper -> back-end (daemon/jail.py step 10); /health's
-``pid`` of a back-end is its keeper; killing either kills both (PR_SET_PDEATHSIG / the keeper re-raises).
+Process trees: kvmdmd -> zygote -> DM (pid 1 of its own pid namespace, no keeper; an exec'd DM has one), and
+kvmdmd -> keeper -> back-end (daemon/jail.py step 10); /health's ``pid`` of a back-end is its keeper; killing
+either kills both (PR_SET_PDEATHSIG / the keeper re-raises).
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 one from the outside (fds, jail, identity, command line), share nothing with its siblings, survive the zygote's
 death, and the zygote must come back for the next guest.
 
-Process tree with the zygote: kvmdmd -> zygote -> keeper (the guest's dm_pid) -> DM (pid 1 of its namespace).
+Process trees: with the zygote kvmdmd -> zygote -> DM (the guest's dm_pid; the zygote forks it as pid 1 of a new
+pid namespace, so its jail forks no keeper: daemon/jail.py step 10); exec'd, kvmdmd -> keeper (the guest's dm_pid)
+-> DM (pid 1 of its namespace).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def zdaemon(tmp_path: Path) -> Iterator[ModeDaemon]:
 
 
 def _start_uart(d: ModeDaemon, name: str, uart: str) -> tuple[int, int]:
+    """(the guest's dm_pid, the DM): the same process with the zygote, the keeper and its child exec'd."""
     d.create(name, uart, cmdline="timeout=120000", memory_mib=16)
     keeper = d.start_guest(name)["dm_pid"]
     dm = jailed_dm(keeper)
@@ -111,16 +114,18 @@ def test_a_forked_dm_looks_exactly_like_an_execd_one_fds_jail_identity_and_comma
         try:
             keeper, dm = _start_uart(d, "same", uart)
             if mode == "zygote":
-                assert os.getppid() != keeper and int(proc_status(keeper)["PPid"]) == d.zygote()
+                # No keeper: the pid the daemon holds is the DM, pid 1 of its namespace, the zygote's child.
+                assert dm == keeper and children(dm) == [] and proc_status(dm)["NSpid"].split() == [str(dm), "1"]
+                assert int(proc_status(dm)["PPid"]) == d.zygote()
             else:
                 assert d.proc is not None and int(proc_status(keeper)["PPid"]) == d.proc.pid
+                assert dm != keeper and proc_status(keeper)["NSpid"].split() == [str(keeper)]
+                assert _identity(keeper, d.tmp)["argv"] == _identity(dm, d.tmp)["argv"]
             tmp = d.tmp
-            seen[mode] = {"dm fds": _kinds(dm, tmp), "keeper fds": _kinds(keeper, tmp), "dm": _identity(dm, tmp),
-                          "keeper": _identity(keeper, tmp)}
-            for who in ("dm", "keeper"):
-                argv = seen[mode][who]["argv"]
-                assert argv[:3] == [sys.executable, "-m", "daemon.dm"] and "--control-fd" in argv, argv
-                assert "TMP/run/guests/same/root" in argv, argv
+            seen[mode] = {"dm fds": _kinds(dm, tmp), "dm": _identity(dm, tmp)}
+            argv = seen[mode]["dm"]["argv"]
+            assert argv[:3] == [sys.executable, "-m", "daemon.dm"] and "--control-fd" in argv, argv
+            assert "TMP/run/guests/same/root" in argv, argv
         finally:
             d.cleanup()
     assert seen["zygote"] == seen["exec"]
@@ -134,6 +139,11 @@ def test_two_forked_dms_share_no_namespace_no_uid_and_nothing_with_the_zygote(zd
     for ns in ("mnt", "net", "ipc", "uts", "pid", "cgroup"):
         links = {p: os.readlink(f"/proc/{p}/ns/{ns}") for p in (a, b, z)}
         assert len(set(links.values())) == 3, (ns, links)
+    # Each DM is pid 1 of a namespace the zygote made for it before the fork; the zygote's own next children go
+    # into its own namespace again (the daemon's), never into a DM's.
+    assert a == _ka and b == _kb
+    assert os.readlink(f"/proc/{z}/ns/pid_for_children") == os.readlink(f"/proc/{z}/ns/pid") \
+        == os.readlink("/proc/self/ns/pid")
     assert proc_status(a)["Uid"] != proc_status(b)["Uid"]
     # The zygote holds nothing of either guest: no guest RAM, no KVM fd, no control socket.
     zfds = _fds(z).values()
@@ -191,7 +201,7 @@ def test_churn_of_12_forked_guests_leaks_no_fd_process_mount_or_tap(zdaemon: Mod
         assert zdaemon.json("DELETE", f"/v1/guests/{name}") == {"deleted": name}
     time.sleep(0.2)
     assert zdaemon.zygote() == z
-    assert children(z) == []  # every DM and keeper reaped by the zygote
+    assert children(z) == []  # every DM reaped by the zygote
     assert _fds(z) == zfds0  # the zygote kept no guest's fd
     assert _settled_fds(dpid) == fds0
     assert zdaemon.dm_pids() == []

@@ -12,6 +12,7 @@ import socket
 import sys
 import traceback
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -73,18 +74,24 @@ def kvm_fd() -> Iterator[int]:
 # ``spawn_mode`` fixture they also run it in a child forked by the zygote's real serve loop and fork path
 # (daemon.zygote.Zygote: fds installed by number, the rest closed, handlers reset, own session, "go" handshake,
 # pidfd and exit status reported over the wire), which then jails itself with the same config: what a DM
-# forked by kvmdmd's zygote goes through. The zygote here is a fork of the test process, so that ``fn`` (a
-# closure of the test) is in its memory.
+# forked by kvmdmd's zygote goes through. With ``cfg.pid_ns`` the zygote forks it as pid 1 of a new pid
+# namespace and its jail runs with ``pid_ns_ready`` (no keeper: daemon/jail.py step 10), as kvmdmd's jailed DMs
+# do. The zygote here is a fork of the test process, so that ``fn`` (a closure of the test) is in its memory.
 
 
 class ZygoteJailedProcess(JailedProcess):
-    """A jailed child of a test zygote; the exit status comes from the zygote's report, as the daemon gets it."""
+    """A jailed child of a test zygote; the exit status comes from the zygote's report, as the daemon gets it.
+    With ``pid_ns`` the child is the jailed process itself (pid 1 of the namespace the zygote made)."""
 
     def __init__(self, pid: int, result_fd: int, stderr_fd: int, zygote_pid: int, req: socket.socket,
-                 ev: socket.socket, pidfd: int) -> None:
+                 ev: socket.socket, pidfd: int, pid_ns: bool) -> None:
         super().__init__(pid, result_fd, stderr_fd)
         self.zygote_pid = zygote_pid
         self.req, self.ev, self.pidfd = req, ev, pidfd
+        self.pid_ns = pid_ns
+
+    def dm_pid(self, timeout: float = 10.0) -> int:
+        return self.pid if self.pid_ns else super().dm_pid(timeout)
 
     def _exit_status(self) -> tuple[int | None, int | None]:
         try:
@@ -111,7 +118,7 @@ def zygote_spawn_jailed(fn: Callable[[], Any], cfg: JailConfig) -> JailedProcess
 
     def entry(_args: list[str]) -> int:
         try:
-            return run_in_jail(fn, cfg, result_w)
+            return run_in_jail(fn, replace(cfg, pid_ns_ready=cfg.pid_ns), result_w)
         except BaseException:  # noqa: B036 - as spawn_jailed: report and exit 70
             traceback.print_exc()
             sys.stderr.flush()
@@ -132,14 +139,14 @@ def zygote_spawn_jailed(fn: Callable[[], Any], cfg: JailConfig) -> JailedProcess
         req.settimeout(30)
         assert isinstance(zw.decode(req.recv(zw.MAX_MESSAGE)), zw.Ready)
         targets = [*dict.fromkeys(cfg.keep_fds), result_w, err_w]
-        send_with_fds(req, zw.encode(zw.Spawn(1, [], targets, len(targets) - 1)), targets)
+        send_with_fds(req, zw.encode(zw.Spawn(1, [], targets, len(targets) - 1, cfg.pid_ns)), targets)
         data, fds, _ = recv_with_fds(req, zw.MAX_MESSAGE, 1)
         m = zw.decode(data, len(fds))
         assert isinstance(m, zw.Spawned), m
     finally:
         os.close(result_w)
         os.close(err_w)
-    return ZygoteJailedProcess(m.pid, result_r, err_r, zpid, req, ev, fds[0])
+    return ZygoteJailedProcess(m.pid, result_r, err_r, zpid, req, ev, fds[0], cfg.pid_ns)
 
 
 @pytest.fixture(params=["fork", "zygote"])

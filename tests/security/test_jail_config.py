@@ -55,6 +55,21 @@ def test_nproc_must_leave_room_for_keeper_and_dm(make_config: Make) -> None:
     with pytest.raises(JailConfigError, match="RLIMIT_NPROC"):
         make_config(rlimits=Rlimits(nproc=1))
     make_config(rlimits=Rlimits(nproc=1), pid_ns=False)
+    make_config(rlimits=Rlimits(nproc=1), pid_ns_ready=True)  # no keeper: the DM is the uid's only task
+
+
+def test_a_ready_pid_namespace_without_pid_ns_is_refused(make_config: Make) -> None:
+    with pytest.raises(JailConfigError, match="pid_ns_ready without pid_ns"):
+        make_config(pid_ns=False, pid_ns_ready=True)
+
+
+def test_a_ready_pid_namespace_is_refused_unless_the_process_is_its_pid_1(make_config: Make) -> None:
+    # The tests run in the host's pid namespace, where no process but init is pid 1: nothing was made for us.
+    cfg = make_config(pid_ns_ready=True)
+    with pytest.raises(JailConfigError, match=f"this process is pid {os.getpid()}, not pid 1"):
+        cfg.validate_host()
+    with pytest.raises(JailConfigError, match="not pid 1"):
+        enter_jail(cfg)  # refused in step 0, before anything changed
 
 
 def test_negative_rlimit_is_refused(make_config: Make) -> None:

@@ -1,4 +1,8 @@
-"""The jailed process's life cycle: the pid-namespace keeper, exit statuses, signals, cgroup placement."""
+"""The jailed process's life cycle: the pid-namespace keeper, exit statuses, signals, cgroup placement.
+
+In the ``zygote`` spawn mode (conftest.py) the zygote forks the child as pid 1 of a new pid namespace and the
+jail forks no keeper (daemon/jail.py step 10, ``pid_ns_ready``): the spawned pid is the jailed process itself,
+and every test here that signals or waits for the spawned pid checks what the keeper gave holds without one."""
 
 from __future__ import annotations
 
@@ -25,8 +29,13 @@ UNIFIED = Path("/sys/fs/cgroup/unified")
 
 
 @pytest.fixture(params=["program", "python"])
-def keeper_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The keeper as daemon/keeper.c's program (the default) and as the Python fallback (jail._keeper)."""
+def keeper_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, spawn_mode: str) -> str:
+    """The keeper as daemon/keeper.c's program (the default) and as the Python fallback (jail._keeper); "none"
+    for a child the zygote forked into its own pid namespace, which has no keeper (run once, not per kind)."""
+    if spawn_mode == "zygote":
+        if request.param == "python":
+            pytest.skip("a zygote-forked jail has no keeper: its one run is the [zygote-program] one")
+        return "none"
     if request.param == "python":
         monkeypatch.setenv("KVMDM_PYTHON_KEEPER", "1")
     else:
@@ -64,6 +73,8 @@ def test_exit_code_of_the_jailed_process_reaches_the_spawner(make_config: Make, 
 
 def test_the_keeper_is_its_small_program_undumpable_and_holding_only_its_pipe(make_config: Make,
                                                                               keeper_kind: str) -> None:
+    if keeper_kind == "none":
+        pytest.skip("no keeper: test_a_zygote_forked_jailed_process_is_itself_the_spawned_pid covers this mode")
     ready_r, ready_w = os.pipe()
 
     def fn() -> None:
@@ -105,7 +116,8 @@ def test_exceptions_in_the_jail_are_reported_as_data(make_config: Make) -> None:
     assert (r.error_type, r.error_errno, r.exit_code) == ("FileNotFoundError", 2, 0)
 
 
-def test_fatal_signal_of_the_dm_is_re_raised_by_the_keeper(make_config: Make, keeper_kind: str) -> None:
+def test_fatal_signal_of_the_dm_reaches_the_spawner_re_raised_by_the_keeper_or_directly(
+        make_config: Make, keeper_kind: str) -> None:
     def fn() -> None:
         faulthandler.disable()  # pytest enables it; we want the kernel's own SIGSEGV
         ctypes.string_at(8, 1)  # (NULL itself is special-cased by ctypes)
@@ -138,7 +150,8 @@ def test_signals_to_own_threads_work_with_the_right_tgid(make_config: Make, pid_
     assert run_jailed(fn, make_config(pid_ns=pid_ns)).value == {"got": [signal.SIGUSR1], "is_pid1": pid_ns}
 
 
-def test_sigterm_to_the_keeper_is_forwarded_to_a_dm_that_handles_it(make_config: Make, keeper_kind: str) -> None:
+def test_sigterm_to_the_spawned_pid_reaches_a_dm_that_handles_it(make_config: Make, keeper_kind: str) -> None:
+    # Forwarded by the keeper, or (no keeper) sent straight to the pid-1 DM from the ancestor namespace.
     ready_r, ready_w = os.pipe()
 
     def fn() -> Any:
@@ -172,7 +185,7 @@ def test_dm_without_a_sigterm_handler_ignores_it_as_pid_1(make_config: Make) -> 
     assert proc.wait().value == "survived"
 
 
-def test_sigkill_of_the_keeper_takes_the_dm_down(make_config: Make, keeper_kind: str) -> None:
+def test_sigkill_of_the_spawned_pid_takes_the_dm_down(make_config: Make, keeper_kind: str) -> None:
     ready_r, ready_w = os.pipe()
 
     def fn() -> None:
@@ -182,6 +195,7 @@ def test_sigkill_of_the_keeper_takes_the_dm_down(make_config: Make, keeper_kind:
     proc = spawn_jailed(fn, make_config(keep_fds=[ready_w]))
     assert _read(ready_r) == b"r"
     dm = proc.dm_pid()
+    assert (dm == proc.pid) == (keeper_kind == "none")
     os.kill(proc.pid, signal.SIGKILL)
     r = proc.wait(10)
     assert r.term_signal == signal.SIGKILL
@@ -260,3 +274,46 @@ def test_the_jailed_child_is_forked_the_way_the_mode_says(make_config: Make, spa
     assert r.ok and r.value == "ran"
     assert ppid == (getattr(proc, "zygote_pid", None) if spawn_mode == "zygote" else os.getpid())
     assert (type(proc).__name__ == "ZygoteJailedProcess") == (spawn_mode == "zygote")
+
+
+def _status(pid: int) -> dict[str, str]:
+    return {k: v.strip() for k, v in (line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text()
+                                      .splitlines())}
+
+
+def test_a_zygote_forked_jailed_process_is_itself_the_spawned_pid(make_config: Make, spawn_mode: str) -> None:
+    """With the zygote, the pid the spawner holds is pid 1 of a pid namespace of its own, jailed, with no keeper,
+    and the zygote's children's namespace is its own again; forked directly, that pid is the keeper."""
+    ready_r, ready_w = os.pipe()
+    gate_r, gate_w = os.pipe()
+
+    def fn() -> Any:
+        os.write(ready_w, b"r")
+        os.read(gate_r, 1)
+        return os.getpid()  # (getppid and getsid are not in the DM's seccomp policy: read from /proc instead)
+
+    proc = spawn_jailed(fn, make_config(keep_fds=[ready_w, gate_r]))
+    try:
+        assert _read(ready_r) == b"r"
+        spawned = _status(proc.pid)
+        kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        spawned_ns = os.readlink(f"/proc/{proc.pid}/ns/pid")
+        zpid = getattr(proc, "zygote_pid", None)
+        zns = [os.readlink(f"/proc/{zpid}/ns/{n}") for n in ("pid", "pid_for_children")] if zpid else []
+        dm = proc.dm_pid()
+        dm_status, dm_ns = _status(dm), os.readlink(f"/proc/{dm}/ns/pid")
+        dm_session = int(Path(f"/proc/{dm}/stat").read_text().rsplit(")", 1)[1].split()[3])  # proc(5) field 6
+    finally:
+        os.write(gate_w, b"x")
+        r = proc.wait()
+    own = os.readlink("/proc/self/ns/pid")
+    # pid 1 of its namespace, leading its own session
+    assert r.ok and r.value == 1, r
+    assert dm_session == dm
+    assert dm_status["NSpid"].split() == [str(dm), "1"] and dm_ns != own
+    assert dm_status["Seccomp"] == "2" and int(dm_status["CapEff"], 16) == 0 and dm_status["NoNewPrivs"] == "1"
+    if spawn_mode == "zygote":
+        assert dm == proc.pid and kids == [] and int(dm_status["PPid"]) == zpid  # no keeper
+        assert zns == [own, own]  # the zygote's pid_for_children is its own (and ours) again
+    else:
+        assert kids == [str(dm)] and spawned["NSpid"].split() == [str(proc.pid)] and spawned_ns == own

@@ -1,7 +1,9 @@
 """A DM zygote (daemon.zygote's real serve loop and fork path) whose children report what they were given instead
 of running a DM: tests/unit/daemon/test_daemon_zygote.py starts it with ``ForkServer(command=[python, THIS])``.
 
-A child's ``args`` say what to do after reporting: ``exit N``, ``signal NAME`` (kill itself), ``sleep``.
+A child's ``args`` say what to do after reporting: ``exit N``, ``signal NAME`` (kill itself), ``sleep``,
+``segv`` (a real SIGSEGV, which the kernel forces even on a pid 1), ``seccomp`` (load the DM's seccomp policy,
+then make a call it kills the process for: SIGSYS).
 The report is one JSON line on its stdout (the "log" fd of the spawn).
 """
 
@@ -39,6 +41,7 @@ def report() -> dict[str, object]:
         "threads": len(os.listdir("/proc/self/task")),
         "random": random.random(),
         "argv": sys.argv[1:],
+        "pid_ns": os.readlink("/proc/self/ns/pid"),
     }
 
 
@@ -54,6 +57,18 @@ def probe(args: list[str]) -> int:
         time.sleep(5)
     if args[:1] == ["sleep"]:
         time.sleep(3600)
+    if args[:1] == ["segv"]:
+        import ctypes
+        import faulthandler
+
+        faulthandler.disable()
+        ctypes.string_at(8, 1)
+    if args[:1] == ["seccomp"]:
+        from daemon import _jailsys, seccomp_policy
+
+        seccomp_policy.build_filter(seccomp_policy.policy_for("dm"), {"self_tgid": os.getpid()}).load()
+        _jailsys.raw_syscall(_jailsys.SYS_ptrace, 16, 1, 0, 0)  # PTRACE_ATTACH: KILL_PROCESS in the DM policy
+        return 99  # not reached
     return 0
 
 
