@@ -26,6 +26,37 @@ from tests.lane.image import L1Image
 RC_MARKER = re.compile(rb"LANE-RC=(\d+)")
 KEEP_RUNS = 5
 RC_TIMEOUT, RC_NO_RESULT = 124, 125
+RC_L1_HUNG = 126  # L1 stopped showing signs of life (HangWatch): nothing the command did can finish
+HEARTBEAT_S = 15  # how often L1's stage 2 writes the time to its second serial port (the run's heartbeat.log)
+
+
+class HangWatch:
+    """Decides that L1 is hung: its heartbeat (a line on ttyS1 every HEARTBEAT_S from a shell loop in stage 2)
+    has not come for ``hang_s``. Seen in the lane (README, real-KVM lane), with kvmdm and with QEMU-KVM alike: L1's
+    CPUs stop scheduling (soft lockups, a CPU halted that IPIs and NMIs do not wake) or stop printing anything
+    at all. Before the first beat (L1 still booting) nothing counts."""
+
+    def __init__(self, hang_s: float = float(os.environ.get("KVMDM_LANE_HANG_S", "240"))) -> None:
+        self.hang_s = hang_s
+        self.last_beat: float | None = None
+        self._size = 0
+
+    def beat_file(self, path: Path, now: float) -> None:
+        """Note a beat if ``path`` grew since the last look."""
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return
+        if size > self._size:
+            self._size = size
+            self.last_beat = now
+
+    def hung(self, now: float) -> bool:
+        return self.last_beat is not None and now - self.last_beat > self.hang_s
+
+    def silent_for(self, now: float) -> float:
+        return 0.0 if self.last_beat is None else now - self.last_beat
+
 
 # Variables the host passes on to L1 (only these: the rest of the host's environment describes the host).
 PASS_ENV = ("KVMDM_CACHE", "KVMDM_REQUIRE_KVM", "KVMDM_REQUIRE_QEMU", "KVMDM_REQUIRE_ROOT", "KVMDM_NO_FASTRUN",
@@ -48,12 +79,17 @@ mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null
 ip link set lo up
 hostname kvmdm-lane
 echo "LANE-L1-READY $(uname -r) kvm=$(ls /dev/kvm 2>&1) module=$(ls -d /sys/module/kvm_amd 2>&1)" \
-  "nested=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null) cpus=$(nproc) mem=$(free -m | awk '/Mem:/{print $2}')M"
+  "nested=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null) vgif=$(cat /sys/module/kvm_amd/parameters/vgif 2>/dev/null)" \
+  "cpus=$(nproc) mem=$(free -m | awk '/Mem:/{print $2}')M"
 . "$run/env.sh"
+# The heartbeat the host's HangWatch waits for (bash builtins but sleep: a hung L1 cannot fake it).
+( exec 3>/dev/ttyS1; while :; do printf '%(%s)T\n' -1 >&3; sleep @BEAT@; done ) </dev/null >/dev/null 2>&1 &
+hb=$!
 # After the power-off request nothing may run from the 9p root (it goes away first): a shell builtin loop waits.
 cd "$LANE_CWD" || { echo "LANE-RC=125"; echo o > /proc/sysrq-trigger; while :; do :; done; }
 setsid bash "$run/cmd.sh" </dev/null 2>&1
 rc=$?
+kill $hb 2>/dev/null
 echo "LANE-RC=$rc"
 sync
 echo o > /proc/sysrq-trigger
@@ -68,6 +104,11 @@ class LaneConfig:
     timeout: float = float(os.environ.get("KVMDM_LANE_TIMEOUT", "2700"))
     extra_env: dict[str, str] = field(default_factory=dict)
     qemu: str = "qemu-system-x86_64"
+    # Diagnosis of L1 itself: more kernel arguments (e.g. "loglevel=7 softlockup_all_cpu_backtrace=1", so a hung
+    # L1's stack traces reach the console), and a QEMU monitor socket to ask a hung L1 "info registers -a".
+    append: str = os.environ.get("KVMDM_LANE_APPEND", "")
+    monitor: str = os.environ.get("KVMDM_LANE_MONITOR", "")
+    tcg_thread: str = os.environ.get("KVMDM_LANE_TCG_THREAD", "multi")  # "single": one host thread for all vCPUs
 
 
 @dataclass
@@ -101,18 +142,19 @@ def prepare_run(argv: Sequence[str], cwd: Path, cfg: LaneConfig) -> Path:
     env.update(cfg.extra_env)
     (run / "env.sh").write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items())))
     (run / "cmd.sh").write_text(f"exec {shlex.join(argv)}\n")
-    (run / "stage2.sh").write_text(STAGE2.replace("@RUN@", shlex.quote(str(run))))
+    (run / "stage2.sh").write_text(STAGE2.replace("@RUN@", shlex.quote(str(run))).replace("@BEAT@", str(HEARTBEAT_S)))
     return run
 
 
 def qemu_argv(image: L1Image, run: Path, cfg: LaneConfig) -> list[str]:
+    monitor = ["-monitor", f"unix:{cfg.monitor},server=on,wait=off"] if cfg.monitor else []
     return [
-        cfg.qemu, "-accel", "tcg,thread=multi,tb-size=1024", "-cpu", "max", "-smp", str(cfg.smp),
+        cfg.qemu, "-accel", f"tcg,thread={cfg.tcg_thread},tb-size=1024", "-cpu", "max", "-smp", str(cfg.smp),
         "-m", str(cfg.mem_mib), "-nodefaults", "-display", "none", "-no-reboot",
         "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-        "-append", f"console=ttyS0 panic=-1 quiet lane.stage2={run}/stage2.sh",
+        "-append", f"console=ttyS0 panic=-1 quiet lane.stage2={run}/stage2.sh {cfg.append}".rstrip(),
         "-virtfs", "local,path=/,mount_tag=host,security_model=passthrough,id=host,multidevs=remap",
-        "-serial", "stdio",
+        "-serial", "stdio", "-serial", f"file:{run}/heartbeat.log", *monitor,
     ]
 
 
@@ -120,7 +162,7 @@ def run_in_l1(image: L1Image, argv: Sequence[str], cwd: Path, cfg: LaneConfig, o
     """Boot L1, run argv in cwd there, stream the console to ``out`` (default stdout) and console.log."""
     sink = out if out is not None else sys.stdout
     run = prepare_run(argv, cwd, cfg)
-    log = (run / "console.log").open("wb")
+    log = (run / "console.log").open("wb", buffering=0)  # unbuffered: a hung L1's log is readable while it hangs
     t0 = time.monotonic()
     proc = subprocess.Popen(qemu_argv(image, run, cfg), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -128,6 +170,7 @@ def run_in_l1(image: L1Image, argv: Sequence[str], cwd: Path, cfg: LaneConfig, o
     rc: int | None = None
     ready: float | None = None
     pending = b""
+    hang = HangWatch()
     deadline = t0 + cfg.timeout
     try:
         while True:
@@ -137,6 +180,13 @@ def run_in_l1(image: L1Image, argv: Sequence[str], cwd: Path, cfg: LaneConfig, o
                 rc = RC_TIMEOUT
                 break
             r, _, _ = select.select([proc.stdout], [], [], min(left, 5.0))
+            now = time.monotonic()
+            hang.beat_file(run / "heartbeat.log", now)
+            if rc is None and hang.hung(now):
+                print(f"[lane] no heartbeat from L1 for {hang.silent_for(now):.0f} s: L1 is hung (an L0 fault, README: "
+                      "real-KVM lane); stopping it", file=sink, flush=True)  # type: ignore[arg-type]
+                rc = RC_L1_HUNG
+                break
             if not r:
                 continue
             chunk = os.read(proc.stdout.fileno(), 65536)
@@ -157,7 +207,7 @@ def run_in_l1(image: L1Image, argv: Sequence[str], cwd: Path, cfg: LaneConfig, o
             rc = RC_NO_RESULT
     finally:
         try:
-            proc.wait(timeout=30 if rc is not None and rc != RC_TIMEOUT else 0.1)
+            proc.wait(timeout=30 if rc is not None and rc not in (RC_TIMEOUT, RC_L1_HUNG) else 0.1)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

@@ -44,7 +44,11 @@ ROOT_MODULES = (
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in @MODULES@; do insmod /mods/$m.ko || echo "LANE: insmod $m failed"; done
+# Module parameters come from the kernel command line as modprobe takes them there: kvm_amd.vgif=0.
+for m in @MODULES@; do
+  opts=$(tr ' ' '\n' < /proc/cmdline | sed -n "s/^$m\.//p" | tr '\n' ' ')
+  insmod /mods/$m.ko $opts || echo "LANE: insmod $m $opts failed"
+done
 stage2=$(sed -n 's/.*lane.stage2=\([^ ]*\).*/\1/p' /proc/cmdline)
 mkdir -p /host
 # cache=loose: the host does not change the files L1 reads while the lane runs (the checkout, venv, caches), and
