@@ -13,33 +13,30 @@ after initialising the nic (tests/integration/test_firmware_pxe.py covers that h
 Measured in the lane (L1 on QEMU-TCG, host otherwise idle): iPXE runs ~10 s after start; its DHCP takes ~16 s,
 nearly all of it iPXE's own wait after the DHCPACK (the same 13 s under QEMU-TCG on the host: not the DM); TFTP
 (blksize 1432, one block per round trip) of the 14 MB kernel ~31 s and the 4.6 MB initrd ~12 s; Linux to userspace
-~9 s; power-off ~82 s after start. Under host load TFTP is 2-3x slower, and a run can hang with the vCPU making no
-exits at all (see STALL_LIMIT: the test then stops and fails instead of waiting for the run limit).
+~9 s; power-off ~82 s after start. Under host load TFTP is 2-3x slower. A run the lane's L0 fault stops (its
+console silent for STALL_LIMIT) gets one more run in the lane (tests.realkvm.l0fault), under kvmdm and QEMU-KVM alike.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from kvmcore.firmware import IPXE_VIRTIO_ROM, SEABIOS_PATH
 from tests.realkvm import guest
+from tests.realkvm.l0fault import kvmdm_l0_fault, qemu_l0_fault, run_streaming, with_l0_retry
 from tests.realkvm.pxeserver import SUBNET_PREFIX, PxeServer, pxe_server
 
-# lane_quarantine: 2 of ~14 kvmdm runs froze mid-TFTP in L1 (README, real-KVM lane); not in CI's lane until found.
-pytestmark = [pytest.mark.realkvm, pytest.mark.lane_quarantine, pytest.mark.root, pytest.mark.timeout(1500),
+pytestmark = [pytest.mark.realkvm, pytest.mark.root, pytest.mark.timeout(1500),
               pytest.mark.skipif(not (os.path.exists(SEABIOS_PATH) and os.path.exists(IPXE_VIRTIO_ROM)),
                                  reason="Debian's seabios and ipxe-qemu are needed")]
 
-REPO = Path(__file__).resolve().parents[2]
 GUEST_MAC = "52:54:00:12:34:56"
 RUN_LIMIT = 1200.0  # the lane's L1 runs on TCG: every virtio-net poll of iPXE is an exit into L1's kvmdm
 # Every step prints (iPXE a progress figure per ~1% of a file, Linux its boot log): this long a silence is a hang.
@@ -66,55 +63,6 @@ CHAIN = [
     ("ready", "GUEST-READY"),
     ("exit", "GUEST-EXIT rc=0"),
 ]
-
-
-def _run_until_exit(argv: list[str], limit: float, chain: list[tuple[str, str]] = CHAIN, label: str = "kvmdm"
-                    ) -> tuple[int | None, str, dict[str, float], float]:
-    """Run argv, stream its stdout, note when each CHAIN text first appears; (rc, console, times, t0)."""
-    t0 = time.monotonic()
-    p = subprocess.Popen(argv, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert p.stdout is not None and p.stderr is not None
-    out, err = bytearray(), bytearray()
-    seen: dict[str, float] = {}
-    # In the lane the run dir is the host's (9p): the console can be watched there while the guest runs.
-    lane_run = os.environ.get("KVMDM_LANE_RUN")
-    live = open(Path(lane_run) / f"pxe-{label}-console.log", "wb") if lane_run else None  # noqa: SIM115
-    fds = {p.stdout.fileno(): out, p.stderr.fileno(): err}
-    last_output = time.monotonic()
-    try:
-        while fds and time.monotonic() - t0 < limit:
-            if time.monotonic() - last_output > STALL_LIMIT:
-                print(f"PXE-STALL no console output for {STALL_LIMIT:.0f} s: stopping the run", file=sys.stderr)
-                break
-            ready, _, _ = select.select(list(fds), [], [], 5.0)
-            for fd in ready:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    del fds[fd]
-                    continue
-                fds[fd].extend(chunk)
-                if live is not None:
-                    live.write(chunk)
-                    live.flush()
-                if fd == p.stdout.fileno():
-                    last_output = time.monotonic()
-                    text = out.decode(errors="replace")
-                    for name, needle in chain:
-                        if name not in seen and needle in text:
-                            seen[name] = time.monotonic() - t0
-                            print(f"PXE-EVENT {name} at {seen[name]:.1f} s", file=sys.stderr, flush=True)
-        if p.poll() is None:
-            p.terminate()
-        rc = p.wait(60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        if live is not None:
-            live.close()
-    sys.stderr.write(err.decode(errors="replace")[-3000:])
-    return rc, out.decode(errors="replace").replace("\r\n", "\n"), seen, t0
 
 
 def _timings(seen: dict[str, float], srv: PxeServer, t0: float) -> str:
@@ -149,8 +97,11 @@ def test_ipxe_gets_dhcp_and_tftp_from_dnsmasq_and_the_downloaded_kernel_boots_to
                                           "nic_rom": "ipxe", "nics": [{"mac": GUEST_MAC, "bridge": srv.bridge}],
                                           "boot_order": ["nic0"]}))
         links_before = set(os.listdir("/sys/class/net"))
-        rc, console, seen, t0 = _run_until_exit(
-            [sys.executable, "-m", "daemon.cli", "run", str(definition), "--timeout", str(RUN_LIMIT)], RUN_LIMIT + 60)
+        run = with_l0_retry(lambda: run_streaming(
+            [sys.executable, "-m", "daemon.cli", "run", str(definition), "--timeout", str(RUN_LIMIT)], RUN_LIMIT + 60,
+            stall_limit=STALL_LIMIT, chain=CHAIN, label="pxe-kvmdm"), kvmdm_l0_fault)
+        rc, console, seen, t0 = run.rc, run.console, run.seen, run.t0
+        sys.stderr.write(run.stderr[-3000:])
         linux = console.find("Linux version")
         print(console[max(0, linux - 3000) if linux >= 0 else -6000:][:3000])  # iPXE's part
         print(console[-3000:])
@@ -196,12 +147,16 @@ def test_qemu_kvm_network_boots_the_same_way_for_reference_timings(tmp_path: Pat
         try:
             subprocess.run(["ip", "link", "set", tap, "master", srv.bridge, "up"], check=True, timeout=30)
             # graphics=off: QEMU gives SeaBIOS a serial console, so iPXE's text reaches the serial port too.
-            rc, console, seen, t0 = _run_until_exit([
-                qemu, "-accel", "kvm", "-machine", "pc,graphics=off", "-m", "512", "-nodefaults", "-display",
-                "none", "-no-reboot", "-serial", "stdio", "-bios", SEABIOS_PATH,
-                "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
-                "-device", f"virtio-net-pci,netdev=n0,addr=3,mac={GUEST_MAC},disable-legacy=on,"
-                           f"romfile={IPXE_VIRTIO_ROM}", "-boot", "n"], RUN_LIMIT, chain, "qemu-kvm")
+            argv = [qemu, "-accel", "kvm", "-machine", "pc,graphics=off", "-m", "512", "-nodefaults", "-display",
+                    "none", "-no-reboot", "-serial", "stdio", "-bios", SEABIOS_PATH,
+                    "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
+                    "-device", f"virtio-net-pci,netdev=n0,addr=3,mac={GUEST_MAC},disable-legacy=on,"
+                               f"romfile={IPXE_VIRTIO_ROM}", "-boot", "n"]
+            run = with_l0_retry(lambda: run_streaming(argv, RUN_LIMIT, stall_limit=STALL_LIMIT, chain=chain,
+                                                      label="pxe-qemu-kvm"),
+                                lambda r: qemu_l0_fault(r, "GUEST-EXIT rc=0"))
+            rc, console, seen, t0 = run.rc, run.console, run.seen, run.t0
+            sys.stderr.write(run.stderr[-3000:])
         finally:
             subprocess.run(["ip", "link", "del", tap], capture_output=True, timeout=30)
         print(console[-3000:])

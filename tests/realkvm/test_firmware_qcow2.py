@@ -26,10 +26,10 @@ from kvmcore.firmware import SEABIOS_PATH
 from tests.fixtures.grub_disk import GRUB_MARKER, PART_START_SECTOR, DiskUnavailable, build_grub_disk
 from tests.fixtures.linux_guest import require_linux_guest
 from tests.realkvm import guest
-from tests.realkvm.test_firmware import CMDLINE, REPO, RUN_LIMIT, SCRIPT
+from tests.realkvm.l0fault import kvmdm_l0_fault, run_streaming, with_l0_retry
+from tests.realkvm.test_firmware import CMDLINE, RUN_LIMIT, SCRIPT, STALL_LIMIT
 
-# lane_quarantine: one lane run froze in early Linux boot (README, real-KVM lane); not in CI's lane until found.
-pytestmark = [pytest.mark.realkvm, pytest.mark.lane_quarantine, pytest.mark.timeout(900),
+pytestmark = [pytest.mark.realkvm, pytest.mark.timeout(1800),
               pytest.mark.skipif(not os.path.exists(SEABIOS_PATH), reason="Debian's seabios is not installed"),
               pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None or shutil.which("qemu-img") is None,
                                  reason="qemu-storage-daemon/qemu-img are not installed (qemu-system-common, "
@@ -62,18 +62,18 @@ def test_seabios_grub_and_linux_from_a_qcow2_served_by_qemu_storage_daemon(tmp_p
                                           "disks": [{"path": str(sock), "backend": "vhost-user"}],
                                           "boot_order": ["disk0"]}))
         t0 = time.monotonic()
-        r = subprocess.run([sys.executable, "-m", "daemon.cli", "run", str(definition), "--timeout", str(RUN_LIMIT)],
-                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL,
-                           capture_output=True, timeout=RUN_LIMIT + 120)
+        r = with_l0_retry(lambda: run_streaming(
+            [sys.executable, "-m", "daemon.cli", "run", str(definition), "--timeout", str(RUN_LIMIT)],
+            RUN_LIMIT + 60, stall_limit=STALL_LIMIT, label="firmware-qcow2"), kvmdm_l0_fault)
         print(f"kvmdm run, qcow2 over vhost-user, SeaBIOS -> Linux userspace -> power-off: "
               f"{time.monotonic() - t0:.1f} s")
         assert qsd.poll() is None, qsd_log.read_text()  # the back-end served the whole boot
     finally:
         qsd.terminate()
         qsd.wait(30)
-    console = r.stdout.decode(errors="replace").replace("\r\n", "\n")
+    console = r.console
     print(console[-4000:])
-    print(r.stderr.decode(errors="replace")[-2000:], file=sys.stderr)
+    print(r.stderr[-2000:], file=sys.stderr)
     order = ["[bios] found virtio-blk at 00:01.0", "[bios] Booting from 0000:7c00", GRUB_MARKER, "Linux version",
              "GUEST-READY", "GUEST-EXIT rc=0"]
     positions = [console.find(m) for m in order]
@@ -87,6 +87,6 @@ def test_seabios_grub_and_linux_from_a_qcow2_served_by_qemu_storage_daemon(tmp_p
     assert chk.get("root_md5") == hashlib.md5(first_mib).hexdigest(), chk  # noqa: S324 - the qcow2's guest view
     assert chk.get("ext4_magic") == "ef53", chk
     assert int(chk.get("grub_cfg", "0")) >= 1, chk
-    assert r.returncode == 0, r.stderr[-2000:]  # ACPI S5 power-off
+    assert r.rc == 0, r.stderr[-2000:]  # ACPI S5 power-off
     check = subprocess.run(["qemu-img", "check", str(qcow2)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
