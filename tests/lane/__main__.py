@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.what == "pytest":
         extra = [x for x in a.args if x != "--"]
         cmd = [python, "-m", "pytest", "-p", "no:cacheprovider", "-m", "realkvm", "tests/realkvm", *extra]
+        if not host_has_real_kvm() and os.environ.get("KVMDM_LANE_QUARANTINED") != "1":
+            # A test marked lane_quarantine meets the lane's L0 fault (README, real-KVM lane) too often for one
+            # retry to cover, under QEMU-KVM as well: it runs with KVMDM_LANE_QUARANTINED=1, not in CI's lane.
+            cmd[cmd.index("realkvm")] = "realkvm and not lane_quarantine"
         if host_has_real_kvm():
             print(f"lane: this host has {real_kvm_module()}: running the realkvm tests directly, without L1")
             return subprocess.call(cmd, cwd=CHECKOUT)

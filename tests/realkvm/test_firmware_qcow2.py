@@ -29,7 +29,11 @@ from tests.realkvm import guest
 from tests.realkvm.l0fault import kvmdm_l0_fault, run_streaming, with_l0_retry
 from tests.realkvm.test_firmware import CMDLINE, RUN_LIMIT, SCRIPT, STALL_LIMIT
 
-pytestmark = [pytest.mark.realkvm, pytest.mark.timeout(1800),
+# lane_quarantine: guest RAM is a shared memfd here (vhost-user), in 4 KiB pages, and the lane's L0 fault hits this
+# boot far more often: 2 of 2 kvmdm runs in a CI-like lane run, and QEMU-KVM's first boot of the same qcow2 over
+# the same qemu-storage-daemon failed too, then L1 panicked ("corrupted stack end detected inside scheduler").
+# README, real-KVM lane. tests/interop/test_firmware_qcow2_vhost_user.py covers this boot on the host up to Linux.
+pytestmark = [pytest.mark.realkvm, pytest.mark.lane_quarantine, pytest.mark.timeout(1800),
               pytest.mark.skipif(not os.path.exists(SEABIOS_PATH), reason="Debian's seabios is not installed"),
               pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None or shutil.which("qemu-img") is None,
                                  reason="qemu-storage-daemon/qemu-img are not installed (qemu-system-common, "
