@@ -1,9 +1,9 @@
 """python -m tests.lane {run -- CMD... | pytest [PYTEST ARGS] | probe}
 
 run     boot L1 once and run CMD in the checkout there; the exit status is CMD's (124: timed out, 125: no result,
-        126: L1's kernel hung)
-pytest  run -- .venv/bin/python -m pytest -m realkvm tests/realkvm [ARGS]: the hardware-KVM tests; if L1's kernel
-        hangs (126), once more in a fresh L1
+        126: L1 hung, no heartbeat)
+pytest  run -- .venv/bin/python -m pytest -m realkvm tests/realkvm [ARGS]: the hardware-KVM tests; if L1 hangs
+        (126), the tests that had not passed run once more in a fresh L1
 probe   run a short check (kvm_amd loaded, /dev/kvm opens, CPU flags) and print it
 
 When the lane cannot run here (no QEMU, no kernel package) it says why and exits 0 (skipped), or 1 when

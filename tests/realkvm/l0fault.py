@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from daemon.messages import ExitCode
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -70,13 +72,11 @@ def run_streaming(argv: list[str], limit: float, *, stall_limit: float, chain: S
                     live.flush()
                 if fd == p.stdout.fileno():
                     last_output = time.monotonic()
-                    if chain:
-                        text = out.decode(errors="replace")
-                        for name, needle in chain:
-                            if name not in seen and needle in text:
-                                seen[name] = time.monotonic() - t0
-                                print(f"GUEST-EVENT ({label}) {name} at {seen[name]:.1f} s", file=sys.stderr,
-                                      flush=True)
+                    for name, needle in chain:
+                        if name not in seen and needle.encode() in out:
+                            seen[name] = time.monotonic() - t0
+                            print(f"GUEST-EVENT ({label}) {name} at {seen[name]:.1f} s", file=sys.stderr,
+                                  flush=True)
         if p.poll() is None:
             p.terminate()
         rc = p.wait(60)
@@ -94,7 +94,7 @@ def kvmdm_l0_fault(run: Run) -> str | None:
     """How a ``kvmdm run`` ended if it ended the way the lane's L0 fault ends runs, else None."""
     if run.stalled:
         return "the console went silent for good"
-    if run.rc == 4 and "triple fault" in run.stderr:
+    if run.rc == ExitCode.CRASHED and "triple fault" in run.stderr:
         return "the guest triple-faulted"
     return None
 
