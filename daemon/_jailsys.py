@@ -85,6 +85,8 @@ SYS_clone = 56
 SYS_ptrace = 101
 SYS_pivot_root = 155
 SYS_clone3 = 435
+SYS_seccomp = 317
+SECCOMP_SET_MODE_FILTER = 1
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
@@ -179,6 +181,19 @@ def capset_zero() -> None:
     hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = _CapDataPair()
     _check(_libc.capset(ctypes.byref(hdr), data), "capset")
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
+def seccomp_set_mode_filter(prog: bytes, insns: int) -> None:
+    """seccomp(2) SECCOMP_SET_MODE_FILTER with no flags: install the classic BPF program ``prog`` of ``insns``
+    8-byte instructions (struct sock_fprog) as a filter of the calling thread."""
+    buf = ctypes.create_string_buffer(prog, len(prog))
+    fprog = _SockFprog(insns, ctypes.addressof(buf))
+    _check(_libc.syscall(ctypes.c_long(SYS_seccomp), ctypes.c_ulong(SECCOMP_SET_MODE_FILTER), ctypes.c_ulong(0),
+                         ctypes.byref(fprog)), "seccomp(SECCOMP_SET_MODE_FILTER)")
 
 
 def raw_syscall(nr: int, *args: int) -> int:

@@ -11,9 +11,10 @@ The order of :func:`enter_jail`, and why each step sits where it does:
 
 0. **Validate and gather** (``JailConfig.validate_host``): root_dir, keep_fds, pid 1 if ``pid_ns_ready``,
    single-threadedness. Read ``/proc/sys/kernel/cap_last_cap`` now: /proc is gone after step 5. Compile the
-   seccomp filters now, while nothing is restricted yet (libseccomp only allocates, but a surprise belongs here,
-   not half-way in). Single-threaded is a hard requirement: unshare(CLONE_NEWNS) implies CLONE_FS and fails with
-   EINVAL in a multi-threaded process, and threads would not follow the fork of step 10 anyway.
+   seccomp filter and generate its BPF program now, while nothing is restricted yet (libseccomp only allocates
+   and writes a pipe, but a surprise belongs here, not half-way in). Single-threaded is a hard requirement:
+   unshare(CLONE_NEWNS) implies CLONE_FS and fails with EINVAL in a multi-threaded process, and threads would
+   not follow the fork of step 10 anyway.
 1. **cgroup placement** (optional): writes memory.max/cpu.max and moves the process into the given cgroup v2
    directory. First, because it needs the host's /sys/fs/cgroup (gone after step 5) and write permission on
    it (gone after step 8), and so that everything the DM allocates from here on is charged to the guest's
@@ -85,6 +86,8 @@ The order of :func:`enter_jail`, and why each step sits where it does:
     With ``pid_ns=False`` there is no pid namespace, no fork and no keeper.
 11. **seccomp**, last (Firecracker's rule): every earlier step makes syscalls the DM policy forbids. The filter
     applies to the calling thread and is inherited by threads created later, hence single-threaded in step 0.
+    It is one seccomp(2) call with the BPF program of step 0 (daemon.seccomp_policy.install), which a DM forked
+    by the zygote finds generated already, rather than seccomp_load(3), which generates it again each time.
 
 Python in the jail: the filesystem is empty and ``open``/``openat``/``stat`` are denied, so **every module the
 DM needs must be imported before enter_jail** (including lazily imported ones: codecs other than utf-8/ascii/
@@ -388,11 +391,11 @@ def _keeper(child: int, death_w: int, locked_w: int, program: int | None, argv: 
             os.set_inheritable(death_w, True)
             os.set_inheritable(locked_w, True)
         me = os.getpid()
-        seccomp_policy.build_filter(
+        seccomp_policy.install(
             seccomp_policy.policy_for("keeper"),
             {"child_pid": child, "self_tgid": me,
              "keeper_exec_fd": seccomp_policy.NO_FD if program is None else program},
-        ).load()
+        )
         if program is not None:
             try:
                 os.execve(program, argv, {keeper.ENV_KEY: f"{child}:{locked_w}"})
@@ -477,7 +480,7 @@ def enter_jail(cfg: JailConfig) -> None:
         program = keeper.open_program(KEEPER_WAITS)
         argv = Path("/proc/self/cmdline").read_bytes().split(b"\0")[:-1] or [b"kvmdm-keeper"]
     if cfg.seccomp is not None:
-        seccomp_policy.build_filter(seccomp_policy.policy_for(cfg.seccomp), {"self_tgid": 1})  # compile check
+        seccomp_policy.bpf_program(seccomp_policy.policy_for(cfg.seccomp), {"self_tgid": 1})  # compile check
 
     # 1. cgroup
     if cfg.cgroup is not None:
@@ -539,7 +542,7 @@ def enter_jail(cfg: JailConfig) -> None:
         log.warning("jail entered WITHOUT a seccomp filter (test configuration)")
         return
     try:
-        seccomp_policy.build_filter(seccomp_policy.policy_for(cfg.seccomp), {"self_tgid": os.getpid()}).load()
+        seccomp_policy.install(seccomp_policy.policy_for(cfg.seccomp), {"self_tgid": os.getpid()})
     except OSError as e:
         raise _fail("seccomp", e) from e
 

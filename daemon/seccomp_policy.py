@@ -37,6 +37,7 @@ TIOCSTI (the tty-injection ioctl) is deliberately absent.
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -433,9 +434,15 @@ def _resolve(value: int | Param, params: Mapping[str, int]) -> int:
 # Compiled filters of the named policies, per parameter set. Compiling the DM policy costs ~1.5 ms of CPU and
 # dirties ~1 MiB of heap; the jail compiles it twice (the check of step 0 and the filter of step 11, both with
 # self_tgid 1 in a pid namespace), and a DM forked by the zygote (daemon.zygote) finds it compiled by the zygote,
-# in memory it shares. A compiled filter is only data until ``load()``, which generates the BPF from it.
-_COMPILED: dict[tuple[str, tuple[tuple[str, int], ...]], pyseccomp.SyscallFilter] = {}
+# in memory it shares. A compiled filter is only data: libseccomp generates the BPF from it again on every
+# ``seccomp_load`` (another ~1 ms and ~200 copy-on-write faults in a forked DM), so the jail installs the
+# program :func:`bpf_program` generated once instead (:func:`install`).
+_Key = tuple[str, tuple[tuple[str, int], ...]]
+_COMPILED: dict[_Key, pyseccomp.SyscallFilter] = {}
+_PROGRAMS: dict[_Key, bytes] = {}
 _COMPILED_MAX = 8
+SOCK_FILTER_SIZE = 8  # struct sock_filter: u16 code, u8 jt, u8 jf, u32 k
+BPF_MAXINSNS = 4096  # the kernel's limit on a classic BPF program
 
 
 def build_filter(policy: Policy, params: Mapping[str, int] | None = None) -> pyseccomp.SyscallFilter:
@@ -453,6 +460,71 @@ def build_filter(policy: Policy, params: Mapping[str, int] | None = None) -> pys
     if named and len(_COMPILED) < _COMPILED_MAX:
         _COMPILED[key] = filt
     return filt
+
+
+def bpf_program(policy: Policy, params: Mapping[str, int] | None = None) -> bytes:
+    """The classic BPF program of ``build_filter(policy, params)`` as seccomp_export_bpf(3) writes it: the program
+    seccomp_load(3) would generate and install (libseccomp 2.5 builds both with the same generator, and asks the
+    kernel for no filter flags unless TSYNC, LOG, SSB or a notify action is set, which no policy here does). The
+    programs of named policies are kept per process and parameter set, like their filters."""
+    params = params or {}
+    key = (policy.name, tuple(sorted(params.items())))
+    named = _POLICIES.get(policy.name) is policy
+    if named and key in _PROGRAMS:
+        return _PROGRAMS[key]
+    filt = build_filter(policy, params)
+    # A pipe, not a file: the jail has set RLIMIT_FSIZE to 0 when the keeper generates its program. Its 64 KiB
+    # hold any program the kernel takes (4096 instructions, 32 KiB); the write end does not block, so a longer
+    # one is cut short at 64 KiB, which _check_program refuses, or fails the export.
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        os.set_blocking(w, False)
+        try:
+            filt.export_bpf(_Fd(w))
+        except OSError as e:
+            raise PolicyError(f"{policy.name}: libseccomp could not export the BPF program: {e}") from e
+        os.close(w)
+        w = -1
+        chunks = []
+        while chunk := os.read(r, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    prog = b"".join(chunks)
+    _check_program(prog)
+    if named and len(_PROGRAMS) < _COMPILED_MAX:
+        _PROGRAMS[key] = prog
+    return prog
+
+
+class _Fd:
+    """What pyseccomp's export functions take: anything with ``fileno()``."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+def _check_program(prog: bytes) -> None:
+    if not prog or len(prog) % SOCK_FILTER_SIZE or len(prog) // SOCK_FILTER_SIZE > BPF_MAXINSNS:
+        raise PolicyError(f"not a classic BPF program the kernel takes: {len(prog)} bytes (a whole number of "
+                          f"{SOCK_FILTER_SIZE}-byte instructions, 1 to {BPF_MAXINSNS} of them)")
+
+
+def load_program(prog: bytes) -> None:
+    """Install ``prog`` as a seccomp filter of the calling thread (seccomp(2) SECCOMP_SET_MODE_FILTER, no flags:
+    what seccomp_load does). The caller must have set no_new_privs (or hold CAP_SYS_ADMIN); OSError otherwise."""
+    _check_program(prog)
+    sys_.seccomp_set_mode_filter(prog, len(prog) // SOCK_FILTER_SIZE)
+
+
+def install(policy: Policy, params: Mapping[str, int] | None = None) -> None:
+    """Compile (or find compiled) and load ``policy``: the jail's step 11 and the keeper's filter."""
+    load_program(bpf_program(policy, params))
 
 
 def _compile(policy: Policy, params: Mapping[str, int]) -> pyseccomp.SyscallFilter:

@@ -98,9 +98,10 @@ def preload() -> None:
 
 def warm() -> None:
     """Run, once, the pure parts of a DM's startup that fill per-process caches -- argparse's compiled regular
-    expressions, the compiled seccomp filter of the DM policy (daemon.seccomp_policy keeps it), the definition
-    parser's, the ACPI tables (kvmcore.acpi.build_tables is memoized) -- so that every forked DM finds them in memory it shares with the zygote instead of building (and
-    copying) its own. Nothing here opens an fd, starts a thread or touches a guest."""
+    expressions, the seccomp filter of the DM policy and its BPF program (daemon.seccomp_policy keeps both), the
+    definition parser's, the ACPI tables (kvmcore.acpi.build_tables is memoized) -- so that every forked DM finds
+    them in memory it shares with the zygote instead of building (and copying) its own. Nothing here opens an fd
+    (but the pipe libseccomp exports the program through), starts a thread or touches a guest."""
     import json
 
     import daemon.dm
@@ -114,7 +115,7 @@ def warm() -> None:
                           "--kernel-fd", "7", "--no-jail"])
     parse_definition(json.loads(json.dumps({"name": "zygote-warm", "kernel": "demo"})), check_paths=False)
     # self_tgid 1: the DM is pid 1 of its pid namespace when it compiles (jail steps 0 and 11).
-    seccomp_policy.build_filter(seccomp_policy.policy_for("dm"), {"self_tgid": 1})
+    seccomp_policy.bpf_program(seccomp_policy.policy_for("dm"), {"self_tgid": 1})
     # ACPI tables of a directly booted guest (daemon.vmm.Vmm.acpi_platform) with up to 4 vCPUs; a platform that
     # differs from these is simply built by the DM.
     from devices.rtc import REG_CENTURY
