@@ -274,18 +274,25 @@ def _fail(step: str, e: OSError, detail: str = "") -> JailSetupError:
     return JailSetupError(step, e.errno or 0, detail or str(e))
 
 
+def _read_small(path: str) -> bytes:
+    """A small /proc file in one read: no text layer (each one costs a DM ~0.05 ms of its startup)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+
+
 def _thread_count() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("Threads:"):
-                return int(line.split()[1])
+    for line in _read_small("/proc/self/status").splitlines():
+        if line.startswith(b"Threads:"):
+            return int(line.split()[1])
     raise JailSetupError("validate", errno.ENOENT, "no Threads: line in /proc/self/status")
 
 
 def _read_cap_last_cap() -> int:
     """Highest capability number: from /proc, cross-checked with PR_CAPBSET_READ (EINVAL past the last one)."""
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        last = int(f.read())
+    last = int(_read_small("/proc/sys/kernel/cap_last_cap"))
     try:
         sys_.prctl(sys_.PR_CAPBSET_READ, last)
     except OSError as e:

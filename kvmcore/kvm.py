@@ -67,6 +67,19 @@ def _ioctl(fd: int, req: int, arg: int | C.Structure | C.Array | C._SimpleCData 
         raise KvmError(_name(req), e.errno or errno.EIO) from None
 
 
+# What KVM_GET_SUPPORTED_CPUID answered, per /dev/kvm node and buffer size. The answer is a property of the loaded
+# kvm module and the host CPU, and the ioctl costs ~0.4 ms of kernel time on these hosts, every vCPU of every VM:
+# the DM zygote asks once (daemon.zygote.warm) and each DM it forks finds the answer here. The key is the node's
+# identity (device, inode, ctime), which reloading the module changes (udev makes a new node; libvirt's
+# capability cache is invalidated by the same ctime), so a DM never uses what an earlier kvm module said.
+_SUPPORTED_CPUID: dict[tuple[int, int, int, int, int], bytes] = {}
+
+
+def _node_of(fd: int) -> tuple[int, int, int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, st.st_rdev, st.st_ctime_ns
+
+
 class Kvm:
     """The /dev/kvm system fd."""
 
@@ -102,9 +115,18 @@ class Kvm:
         return _ioctl(self.fd, abi.KVM_GET_VCPU_MMAP_SIZE)
 
     def supported_cpuid(self, max_entries: int = 256) -> list[CpuidEntry]:
-        buf = abi.cpuid_buffer(max_entries)()
-        buf.hdr.nent = max_entries
-        _ioctl(self.fd, abi.KVM_GET_SUPPORTED_CPUID, buf)
+        """KVM_GET_SUPPORTED_CPUID, answered from :data:`_SUPPORTED_CPUID` when this fd is of the /dev/kvm node
+        the answer was read through; fresh entries either way (callers edit them)."""
+        key = (*_node_of(self.fd), max_entries)
+        raw = _SUPPORTED_CPUID.get(key)
+        if raw is None:
+            buf = abi.cpuid_buffer(max_entries)()
+            buf.hdr.nent = max_entries
+            _ioctl(self.fd, abi.KVM_GET_SUPPORTED_CPUID, buf)
+            if len(_SUPPORTED_CPUID) < 4:
+                _SUPPORTED_CPUID[key] = bytes(memoryview(buf).cast("B"))
+        else:
+            buf = abi.cpuid_buffer(max_entries).from_buffer_copy(raw)  # type: ignore[attr-defined]
         return [CpuidEntry.from_c(buf.entries[i]) for i in range(buf.hdr.nent)]
 
     def msr_index_list(self) -> list[int]:

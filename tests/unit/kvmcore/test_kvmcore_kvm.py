@@ -16,6 +16,7 @@ import pytest
 
 from kvmcore import _abi as abi
 from kvmcore import exits as ex
+from kvmcore import kvm as kvm_mod
 from kvmcore import layout, x86
 from kvmcore.kvm import Kvm, KvmError, KvmUnavailable, Vcpu, Vm
 from kvmcore.memory import GuestMemory
@@ -95,6 +96,45 @@ def test_supported_cpuid_is_non_empty_and_has_leaf_0(kvm: Kvm) -> None:
     assert entries
     leaf0 = [e for e in entries if e.function == 0]
     assert leaf0 and leaf0[0].eax >= 1  # highest basic leaf
+
+
+def _counting_cpuid_ioctls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = kvm_mod._ioctl
+
+    def counting(fd: int, req: int, arg: object = 0) -> int:
+        if req == abi.KVM_GET_SUPPORTED_CPUID:
+            calls.append(fd)
+        return real(fd, req, arg)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kvm_mod, "_ioctl", counting)
+    monkeypatch.setattr(kvm_mod, "_SUPPORTED_CPUID", {})
+    return calls
+
+
+def test_supported_cpuid_is_asked_once_per_kvm_node_and_handed_out_fresh(kvm: Kvm,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _counting_cpuid_ioctls(monkeypatch)
+    first = kvm.supported_cpuid()
+    other = Kvm()  # another fd of the same /dev/kvm node (as each DM gets from the daemon)
+    try:
+        again = other.supported_cpuid()
+    finally:
+        other.close()
+    assert len(calls) == 1
+    assert again == first and again is not first and again[0] is not first[0]
+    first[0].eax ^= 0xFFFF  # callers edit their entries (x86.guest_cpuid): the next caller must not see it
+    assert kvm.supported_cpuid() == again
+
+
+def test_supported_cpuid_is_asked_again_when_the_node_is_another(kvm: Kvm, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Reloading the kvm module makes a new /dev/kvm node: what the old module answered must not be used.
+    calls = _counting_cpuid_ioctls(monkeypatch)
+    first = kvm.supported_cpuid()
+    dev, ino, rdev, ctime = kvm_mod._node_of(kvm.fd)
+    monkeypatch.setattr(kvm_mod, "_node_of", lambda fd: (dev, ino, rdev, ctime + 1))
+    assert kvm.supported_cpuid() == first
+    assert len(calls) == 2
 
 
 def test_guest_cpuid_says_hypervisor_and_keeps_kvms_signature_leaves(kvm: Kvm) -> None:
