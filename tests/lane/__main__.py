@@ -1,9 +1,9 @@
 """python -m tests.lane {run -- CMD... | pytest [PYTEST ARGS] | probe}
 
 run     boot L1 once and run CMD in the checkout there; the exit status is CMD's (124: timed out, 125: no result,
-        126: L1 hung, no heartbeat)
+        as when L1 panicked or reset, 126: L1 hung, no heartbeat)
 pytest  run -- .venv/bin/python -m pytest -m realkvm tests/realkvm [ARGS]: the hardware-KVM tests; if L1 hangs
-        (126), the tests that had not passed run once more in a fresh L1
+        or dies, the tests that had not passed run once more in a fresh L1
 probe   run a short check (kvm_amd loaded, /dev/kvm opens, CPU flags) and print it
 
 When the lane cannot run here (no QEMU, no kernel package) it says why and exits 0 (skipped), or 1 when
@@ -18,11 +18,12 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.fixtures.linux_guest import LinuxGuestUnavailable
 from tests.lane import host_has_real_kvm, real_kvm_module
-from tests.lane.boot import RC_L1_HUNG, LaneConfig, run_in_l1
+from tests.lane.boot import RC_L1_HUNG, LaneConfig, LaneResult, run_in_l1
 from tests.lane.image import build_l1_image
 
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -110,22 +111,31 @@ def main(argv: list[str] | None = None) -> int:
         cfg.timeout = a.timeout
     print(f"lane: L1 = Debian {image.version} under QEMU-TCG (-cpu max, {cfg.smp} vCPUs, {cfg.mem_mib} MiB); "
           f"running {' '.join(cmd)}", flush=True)
+    return run_with_retry(lambda argv: run_in_l1(image, argv, CHECKOUT, cfg), cmd, retry=a.what == "pytest")
+
+
+def run_with_retry(run_once: Callable[[list[str]], LaneResult], cmd: list[str], *, retry: bool) -> int:
+    """Run ``cmd`` in L1; with ``retry`` (pytest), an L1 that hung or died under it gets one more L1 for the tests
+    that had not passed yet (tests/conftest.py notes each pass in the run directory). A second loss is a failure."""
     run_cmd = cmd
     for attempt in (1, 2):
-        res = run_in_l1(image, run_cmd, CHECKOUT, cfg)
+        res = run_once(run_cmd)
         ready = f"L1 ready after {res.l1_ready_after:.1f} s, " if res.l1_ready_after is not None else ""
         print(f"lane: rc={res.rc} ({ready}{res.seconds:.1f} s in all); console log: {res.run_dir}/console.log",
               flush=True)
-        if res.rc != RC_L1_HUNG or a.what != "pytest" or attempt == 2:
+        if res.l1_died:
+            print(f"lane: L1 died before the command's result: {res.panic or 'it reset with no panic message'}",
+                  flush=True)
+        if not res.l1_lost or not retry or attempt == 2:
             break
-        # L1 hung (boot.HangWatch): an L0 fault that QEMU-KVM in L1 meets too (README, real-KVM lane), after which
-        # nothing in L1 finishes. The tests that had not passed yet (tests/conftest.py notes each pass in the run
-        # directory) get one more L1; a second hang is a failure.
+        # L1 hung (boot.HangWatch) or died: the L0 fault QEMU-KVM in L1 meets too (README, real-KVM lane), after
+        # which nothing in that L1 finishes.
         passed_file = res.run_dir / "passed.txt"
         passed = passed_file.read_text().split() if passed_file.exists() else []
         run_cmd = [*cmd, *(f"--deselect={nodeid}" for nodeid in passed)]
-        print(f"lane: L1 hung; {len(passed)} test(s) had passed; running the others once more in a fresh L1",
-              flush=True)
+        how = "hung" if res.rc == RC_L1_HUNG else "died"
+        print(f"lane: L1-LOST: L1 {how}; {len(passed)} test(s) had passed; running the others once more in a "
+              f"fresh L1", flush=True)
     return res.rc
 
 

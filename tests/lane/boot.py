@@ -27,6 +27,8 @@ RC_MARKER = re.compile(rb"LANE-RC=(\d+)")
 KEEP_RUNS = 5
 RC_TIMEOUT, RC_NO_RESULT = 124, 125
 RC_L1_HUNG = 126  # L1 stopped showing signs of life (HangWatch): nothing the command did can finish
+# L1's own kernel on its console when it dies (panic=-1 and -no-reboot make QEMU exit right after it).
+L1_PANIC = re.compile(rb"Kernel panic - not syncing: [^\r\n]*")
 HEARTBEAT_S = 15  # how often L1's stage 2 writes the time to its second serial port (the run's heartbeat.log)
 
 
@@ -117,6 +119,15 @@ class LaneResult:
     run_dir: Path
     seconds: float
     l1_ready_after: float | None
+    # L1 itself died before the command's result came (QEMU exited with no LANE-RC): a panic, or a reset (a triple
+    # fault) with no message. ``panic`` is L1's panic line when it printed one.
+    l1_died: bool = False
+    panic: str | None = None
+
+    @property
+    def l1_lost(self) -> bool:
+        """L1 hung or died under the command: the lane's L0 fault (README: real-KVM lane), not the command's end."""
+        return self.rc == RC_L1_HUNG or self.l1_died
 
 
 def runs_root() -> Path:
@@ -133,8 +144,16 @@ def prepare_run(argv: Sequence[str], cwd: Path, cfg: LaneConfig) -> Path:
     root = runs_root()
     root.mkdir(parents=True, exist_ok=True)
     _prune(root)
-    run = root / time.strftime(f"%Y%m%d-%H%M%S-{os.getpid()}")
-    run.mkdir()
+    stamp = time.strftime(f"%Y%m%d-%H%M%S-{os.getpid()}")
+    for n in range(100):  # two runs of one process in the same second get their own directories
+        run = root / (stamp if n == 0 else f"{stamp}.{n}")
+        try:
+            run.mkdir()
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"no free run directory for {stamp} under {root}")
     env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
     env.update({"HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8", "TERM": "dumb", "PYTHONUNBUFFERED": "1",
                 "KVMDM_IN_LANE": "1", "KVMDM_REQUIRE_REALKVM": "1", "KVMDM_LANE_RUN": str(run),
@@ -169,6 +188,8 @@ def run_in_l1(image: L1Image, argv: Sequence[str], cwd: Path, cfg: LaneConfig, o
     assert proc.stdout is not None
     rc: int | None = None
     ready: float | None = None
+    panic: str | None = None
+    died = False
     pending = b""
     hang = HangWatch()
     deadline = t0 + cfg.timeout
@@ -203,8 +224,13 @@ def run_in_l1(image: L1Image, argv: Sequence[str], cwd: Path, cfg: LaneConfig, o
                 m = RC_MARKER.search(line)
                 if m and rc is None:
                     rc = int(m.group(1))
+                p = L1_PANIC.search(line)
+                if p and rc is None and panic is None:
+                    panic = p.group(0).decode("utf-8", "backslashreplace")
         if rc is None:
-            rc = RC_NO_RESULT
+            # QEMU exited on its own with no result: L1 panicked or reset (a guest's panic printed by the command
+            # does not end QEMU, so only L1's own counts here).
+            rc, died = RC_NO_RESULT, True
     finally:
         try:
             proc.wait(timeout=30 if rc is not None and rc not in (RC_TIMEOUT, RC_L1_HUNG) else 0.1)
@@ -212,4 +238,4 @@ def run_in_l1(image: L1Image, argv: Sequence[str], cwd: Path, cfg: LaneConfig, o
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
-    return LaneResult(rc, run, time.monotonic() - t0, ready)
+    return LaneResult(rc, run, time.monotonic() - t0, ready, l1_died=died, panic=panic if died else None)
