@@ -536,11 +536,38 @@ def main(argv: list[str] | None = None) -> int:
         # the daemon and its DMs a private, writable cache that the warm-up run fills.
         env = {} if a.cold else {"PYTHONDONTWRITEBYTECODE": "", "PYTHONPYCACHEPREFIX": str(Path(tmp) / "pyc")}
         res = {m: run_mode(m, a, Path(tmp), env, demo, loop_elf, uart_elf) for m in modes}
+    floor = c_floor(demo, a.runs)
     if a.json:
-        print(json.dumps(res, indent=2))
+        print(json.dumps({"modes": res, "c_floor": floor}, indent=2))
         return 0
     report(res, a)
+    report_floor(res, floor)
     return 0
+
+
+def c_floor(demo: str, runs: int) -> dict[str, Any]:
+    """The same KVM set-up done by a C program (bench.vmm_floor), in this run: the part of the DM's CPU that no
+    language makes go away on this host."""
+    from bench import vmm_floor
+
+    try:
+        kernel = vmm_floor.demo_kernel() if demo == "demo" else Path(demo)
+        return vmm_floor.run(kernel, runs)
+    except (vmm_floor.FloorUnavailable, OSError) as e:
+        return {"unavailable": str(e)}
+
+
+def report_floor(res: dict[str, Any], floor: dict[str, Any]) -> None:
+    print("\n== the C floor: the DM's KVM set-up for the demo guest in C, no Python (bench/vmm_floor.c) ==")
+    if "unavailable" in floor:
+        print(f"not measured: {floor['unavailable']}")
+        return
+    f = floor["cpu_ms"]["median"]
+    print(f"C floor CPU to KVM_RUN {f:.2f} ms median (p90 {floor['cpu_ms']['p90']:.2f}), {floor['minor_faults']} "
+          f"minor faults, {floor['runs']} runs")
+    for m, r in res.items():
+        dm = r["startup"]["dm_cpu_ms"]["median"]
+        print(f"{m:6} DM CPU to KVM_RUN {dm:.1f} ms = {dm / f:.1f}x the C floor ({dm - f:.1f} ms above it)")
 
 
 if __name__ == "__main__":
