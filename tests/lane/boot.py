@@ -119,8 +119,8 @@ class LaneResult:
     run_dir: Path
     seconds: float
     l1_ready_after: float | None
-    # L1 itself died before the command's result came (QEMU exited with no LANE-RC): a panic, or a reset (a triple
-    # fault) with no message. ``panic`` is L1's panic line when it printed one.
+    # L1 itself died under the command (QEMU exited with no LANE-RC after LANE-L1-READY): a panic, or a reset (a
+    # triple fault) with no message. ``panic`` is L1's panic line when it printed one.
     l1_died: bool = False
     panic: str | None = None
 
@@ -225,12 +225,12 @@ def run_in_l1(image: L1Image, argv: Sequence[str], cwd: Path, cfg: LaneConfig, o
                 if m and rc is None:
                     rc = int(m.group(1))
                 p = L1_PANIC.search(line)
-                if p and rc is None and panic is None:
-                    panic = p.group(0).decode("utf-8", "backslashreplace")
+                if p and rc is None:
+                    panic = p.group(0).decode("utf-8", "backslashreplace")  # the last one: L1's own comes last
         if rc is None:
-            # QEMU exited on its own with no result: L1 panicked or reset (a guest's panic printed by the command
-            # does not end QEMU, so only L1's own counts here).
-            rc, died = RC_NO_RESULT, True
+            # QEMU exited on its own with no result. After LANE-L1-READY, L1 panicked or reset under the command (a
+            # guest's panic the command printed does not end QEMU); before it, L1 or QEMU never came up.
+            rc, died = RC_NO_RESULT, ready is not None
     finally:
         try:
             proc.wait(timeout=30 if rc is not None and rc not in (RC_TIMEOUT, RC_L1_HUNG) else 0.1)

@@ -48,6 +48,19 @@ def test_a_reset_with_no_message_is_lost_too(tmp_path: Path, monkeypatch: pytest
     assert (res.rc, res.l1_died, res.l1_lost, res.panic) == (RC_NO_RESULT, True, True, None)
 
 
+def test_the_last_panic_line_is_l1s(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A failing test printed a guest's panic first; then L1 itself panicked.
+    console = "LANE-L1-READY 6.1\n[    2.0] Kernel panic - not syncing: VFS: Unable to mount root fs\n" + PANIC_TAIL
+    res = _run(tmp_path, monkeypatch, console)
+    assert res.l1_lost and res.panic == "Kernel panic - not syncing: Fatal exception in interrupt"
+
+
+def test_qemu_that_never_brought_l1_up_is_no_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No LANE-L1-READY: QEMU could not start L1 (a bad option, no kernel); rerunning the tests would not help.
+    res = _run(tmp_path, monkeypatch, "qemu-system-x86_64: -kernel vmlinuz: could not open\n")
+    assert (res.rc, res.l1_died, res.l1_lost) == (RC_NO_RESULT, False, False)
+
+
 def test_the_commands_own_status_is_not_a_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A guest's panic that the command printed (a failing test's console tail) comes before L1's LANE-RC.
     res = _run(tmp_path, monkeypatch, "LANE-L1-READY 6.1\n" + PANIC_TAIL + "LANE-RC=1\n")
