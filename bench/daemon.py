@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT / "tests" / "unit" / "daemon"))
 
 from kvmdmd_harness import Daemon, wait_until  # noqa: E402
 
+from bench.stats import median_p90, pct  # noqa: E402
 from guests.build import build_guest  # noqa: E402
 
 TIMELINE = re.compile(r"startup timeline \(wall clock s\): imported=([\d.]+) jailed=([\d.]+) built=([\d.]+) "
@@ -93,11 +94,6 @@ def _children(pid: int) -> list[int]:
     except OSError:
         pass
     return kids
-
-
-def pct(xs: list[float], p: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, round(p / 100 * len(s) + 0.5) - 1))]
 
 
 def _nspid(pid: int) -> list[str]:
@@ -179,7 +175,7 @@ def bench_startup(d: BenchDaemon, runs: int, demo: str) -> dict[str, Any]:
         d.json("DELETE", f"/v1/guests/{name}")
     keys = rows[0].keys()
     return {"runs": runs, "dm_modules": modules, "loadavg": os.getloadavg()[0],
-            **{k: {"median": statistics.median(r[k] for r in rows), "p90": pct([r[k] for r in rows], 90)}
+            **{k: median_p90(r[k] for r in rows)
                for k in keys}}
 
 

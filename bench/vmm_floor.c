@@ -111,8 +111,13 @@ int main(int argc, char **argv) {
     xioctl(vm, KVM_SET_USER_MEMORY_REGION, &region, "KVM_SET_USER_MEMORY_REGION");
 
     for (int i = 0; i < eh->e_phnum; i++) {
-        Elf32_Phdr *ph = (Elf32_Phdr *)(elf + eh->e_phoff + i * eh->e_phentsize);
-        if ((uint8_t *)(ph + 1) > elf + st.st_size || ph->p_type != PT_LOAD)
+        uint64_t off = (uint64_t)eh->e_phoff + (uint64_t)i * eh->e_phentsize;
+        if (eh->e_phentsize < sizeof(Elf32_Phdr) || off + sizeof(Elf32_Phdr) > (uint64_t)st.st_size) {
+            fprintf(stderr, "vmm_floor: a program header lies outside the file\n");
+            return 1;
+        }
+        Elf32_Phdr *ph = (Elf32_Phdr *)(elf + off);
+        if (ph->p_type != PT_LOAD)
             continue;
         if ((uint64_t)ph->p_paddr + ph->p_memsz > RAM_SIZE || (uint64_t)ph->p_offset + ph->p_filesz > (uint64_t)st.st_size) {
             fprintf(stderr, "vmm_floor: a segment lies outside RAM or the file\n");

@@ -9,15 +9,14 @@ hardware Firecracker's 8 ms was measured on).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from bench.stats import median_p90
 
 SOURCE = Path(__file__).with_name("vmm_floor.c")
 CFLAGS = ("-O2", "-Wall", "-Werror")
@@ -29,22 +28,13 @@ class FloorUnavailable(Exception):
 
 def program() -> Path:
     """The built floor program (built on first use into the kvmdm cache)."""
-    from kvmcore.cext import cache_dir
+    from kvmcore.cext import build_program
 
-    src = SOURCE.read_bytes()
-    path = cache_dir("bench") / f"vmm-floor-{hashlib.sha256(src + repr(CFLAGS).encode()).hexdigest()[:16]}"
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        out = Path(tmp) / "vmm_floor"
-        try:
-            subprocess.run(["cc", *CFLAGS, "-o", str(out), str(SOURCE)], check=True, capture_output=True, timeout=120)
-        except (OSError, subprocess.SubprocessError) as e:
-            detail = getattr(e, "stderr", b"") or b""
-            raise FloorUnavailable(f"cannot build {SOURCE.name}: {e} {detail.decode(errors='replace')[-300:]}") from e
-        os.replace(out, path)
-    return path
+    try:
+        return build_program("vmm-floor", SOURCE, CFLAGS, timeout=120)
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        raise FloorUnavailable(f"cannot build {SOURCE.name}: {e} {detail.decode(errors='replace')[-300:]}") from e
 
 
 def demo_kernel() -> Path:
@@ -63,8 +53,7 @@ def run(kernel: Path, runs: int) -> dict[str, Any]:
         if p.returncode != 0:
             raise FloorUnavailable(f"vmm_floor exited {p.returncode}: {p.stderr.strip()[-300:]}")
         samples.append(json.loads(p.stdout))
-    cpu = sorted(s["cpu_ms"] for s in samples)
-    return {"runs": runs, "cpu_ms": {"median": statistics.median(cpu), "p90": cpu[min(len(cpu) - 1, int(0.9 * len(cpu)))]},
+    return {"runs": runs, "cpu_ms": median_p90(s["cpu_ms"] for s in samples),
             "minor_faults": int(statistics.median(s["minor_faults"] for s in samples)),
             "first_exits": sorted({(s["first_exit_reason"], s["first_exit_port"]) for s in samples})}
 

@@ -10,15 +10,13 @@ Python keeper (jail._keeper) does the same work and kvmdm says so once.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from kvmcore.cext import cache_dir
+from kvmcore.cext import build_program
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +39,9 @@ def program(waits: Iterable[int]) -> Path | None:
         return _state[key]
     path: Path | None = None
     try:
-        src = SOURCE.read_bytes()
-        tag = hashlib.sha256(src + repr(CFLAGS).encode() + key.encode()).hexdigest()[:16]
-        path = cache_dir("keeper") / f"kvmdm-keeper-{tag}"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                out = Path(tmp) / "keeper"
-                subprocess.run(["cc", *CFLAGS, f"-DKEEPER_WAITS={mask:#x}UL", "-o", str(out), str(SOURCE)],
-                               check=True, capture_output=True, timeout=60)
-                # Executable by the unprivileged keeper (it execs through an fd, so the directories on the
-                # way, e.g. /root's 0700, are never looked up again).
-                out.chmod(0o755)
-                os.replace(out, path)
+        # Mode 0755 (build_program): the unprivileged keeper execs it through an fd, so the directories on the
+        # way, e.g. /root's 0700, are never looked up again.
+        path = build_program("keeper", SOURCE, (*CFLAGS, f"-DKEEPER_WAITS={mask:#x}UL"))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", b"") or b""
         log.warning("the C keeper cannot be built (%s%s): jailed processes keep a Python keeper", e,
