@@ -35,15 +35,23 @@ def _runs(*results: Run) -> tuple[list[int], Callable[[], Run]]:
     return calls, once
 
 
-def test_a_fault_gets_one_more_run_in_the_lane_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_fault_gets_up_to_two_more_runs_in_the_lane_only(monkeypatch: pytest.MonkeyPatch) -> None:
     stalled, good = Run(None, "cut mid-li", "", stalled=True), Run(0, "GUEST-EXIT rc=0", "")
+    crashed = Run(4, "...", "kvmdm: guest triple fault (KVM_EXIT_SHUTDOWN)\n")
     monkeypatch.setenv("KVMDM_IN_LANE", "1")
     calls, once = _runs(stalled, good)
     assert with_l0_retry(once, kvmdm_l0_fault) is good
     assert len(calls) == 2
-    calls, once = _runs(stalled, stalled)
+    calls, once = _runs(crashed, stalled, good)  # the CI lane run of 2026-12-04, then a good third
+    assert with_l0_retry(once, kvmdm_l0_fault) is good
+    assert len(calls) == 3
+    calls, once = _runs(stalled, crashed, stalled)
     assert with_l0_retry(once, kvmdm_l0_fault).stalled
-    assert len(calls) == 2  # and no third
+    assert len(calls) == 3  # and no fourth
+    bad = Run(4, "", "kvmdm: no bootable device\n")
+    calls, once = _runs(stalled, bad, good)
+    assert with_l0_retry(once, kvmdm_l0_fault) is bad  # a retry that fails another way counts at once
+    assert len(calls) == 2
     monkeypatch.delenv("KVMDM_IN_LANE")
     calls, once = _runs(stalled, good)
     assert with_l0_retry(once, kvmdm_l0_fault) is stalled
